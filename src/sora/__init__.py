@@ -1,0 +1,13 @@
+"""Sora: denoising-autoencoder text representations from your own unlabeled text."""
+
+from sora.errors import SoraError
+
+__version__ = "0.1.0"
+__all__ = ["SoraError", "load", "__version__"]
+
+
+def load(path, device: str = "cpu"):
+    """Load a checkpoint (or a run directory) for inference: ``sora.load(path).embed(texts)``."""
+    from sora.api import load as _load
+
+    return _load(path, device=device)

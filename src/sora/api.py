@@ -1,0 +1,78 @@
+"""The Python face of Sora: ``sora.load(path).embed(texts)``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sora.data.batching import collate
+from sora.models.autoencoder import SoraModel
+from sora.models.checkpoint import load_checkpoint, resolve_checkpoint
+from sora.text.tokenizer import SoraTokenizer
+
+
+class Sora:
+    """A loaded checkpoint, ready for inference."""
+
+    def __init__(self, model: SoraModel, tokenizer: SoraTokenizer, config: dict[str, Any], path: Path,
+                 device: torch.device):
+        self.model, self.tokenizer, self.config, self.path, self.device = model, tokenizer, config, path, device
+        recipe = config.get("recipe") or {}
+        self.max_length = int((recipe.get("data") or {}).get("max_length", 128))
+
+    @property
+    def dim(self) -> int:
+        return self.model.code_dim
+
+    def _batches(self, texts: Sequence[str], batch_size: int, max_length: int):
+        """Longest-first batches (little padding); yields (original indices, batch)."""
+        ids = self.tokenizer.encode(list(texts), max_length)
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = collate([ids[i] for i in idx], self.tokenizer.pad_id)
+            yield idx, {k: v.to(self.device) for k, v in batch.items()}
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str], batch_size: int = 64, max_length: int | None = None,
+              normalize: bool = False, progress: bool = False) -> np.ndarray:
+        """Sentence vectors (n, dim) as float32, in the order of ``texts``."""
+        if isinstance(texts, str):
+            raise TypeError("embed() takes a list of texts, not one string")
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not len(texts):
+            return out
+        with tqdm(total=len(texts), disable=not progress, unit="text") as bar:
+            for idx, batch in self._batches(texts, batch_size, max_length or self.max_length):
+                vec = self.model.embed(batch["input_ids"], batch["attention_mask"]).float()
+                if normalize:
+                    vec = torch.nn.functional.normalize(vec, dim=-1)
+                out[idx] = vec.cpu().numpy()
+                bar.update(len(idx))
+        return out
+
+    def info(self) -> dict[str, Any]:
+        cfg = self.model.cfg
+        return {
+            "path": str(self.path),
+            "kind": self.config.get("kind", "unknown"),
+            "backbone": cfg.backbone or "native",
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "vocab_size": cfg.vocab_size,
+            "dim": cfg.dim, "layers": cfg.layers, "heads": cfg.heads,
+            "decoder_layers": cfg.decoder_layers, "pooling": cfg.pooling, "code_dim": self.dim,
+            "heads_tasks": list(self.model.heads.keys()),
+            "metadata": self.config.get("metadata", {}),
+        }
+
+
+def load(path: str | Path, device: str = "cpu") -> Sora:
+    p = resolve_checkpoint(path)
+    dev = torch.device(device)
+    model, tokenizer, config = load_checkpoint(p, dev)
+    return Sora(model, tokenizer, config, p, dev)

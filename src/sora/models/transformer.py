@@ -1,0 +1,146 @@
+"""Transformer blocks in plain PyTorch: one attention, one block, used by the encoder and the decoder.
+
+``norm="pre"`` is Sora's own encoder (stable from scratch); ``norm="post"`` reproduces BERT so the
+weights of a local BERT-style model (all-MiniLM-L6-v2) load into the same code.
+Attention goes through ``F.scaled_dot_product_attention``, which picks a fused kernel where it can.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float, cross: bool = False):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads, self.dropout, self.cross = heads, dropout, cross
+        if cross:
+            self.q = nn.Linear(dim, dim)
+            self.kv = nn.Linear(dim, 2 * dim)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        return x.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, memory: torch.Tensor | None = None,
+                causal: bool = False) -> torch.Tensor:
+        """``mask``: bool (B, 1, 1 or T, S), True where attention is allowed."""
+        if self.cross:
+            q = self.q(x)
+            k, v = self.kv(memory).chunk(2, dim=-1)
+        else:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = self._split(q), self._split(k), self._split(v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal and mask is None,
+        )
+        b, h, t, hd = y.shape
+        return self.out(y.transpose(1, 2).reshape(b, t, h * hd))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    """Self-attention, optional cross-attention, feed-forward; residuals with pre- or post-LayerNorm."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float, norm: str = "pre",
+                 cross: bool = False, eps: float = 1e-5):
+        super().__init__()
+        self.pre = norm == "pre"
+        self.attn = Attention(dim, heads, dropout)
+        self.attn_norm = nn.LayerNorm(dim, eps=eps)
+        self.cross = Attention(dim, heads, dropout, cross=True) if cross else None
+        self.cross_norm = nn.LayerNorm(dim, eps=eps) if cross else None
+        self.ffn = FeedForward(dim, ffn_dim)
+        self.ffn_norm = nn.LayerNorm(dim, eps=eps)
+        self.drop = nn.Dropout(dropout)
+
+    def _residual(self, x, norm, fn):
+        if self.pre:
+            return x + self.drop(fn(norm(x)))
+        return norm(x + self.drop(fn(x)))
+
+    def forward(self, x, mask=None, memory=None, memory_mask=None, causal=False):
+        x = self._residual(x, self.attn_norm, lambda h: self.attn(h, mask, causal=causal))
+        if self.cross is not None:
+            x = self._residual(x, self.cross_norm, lambda h: self.cross(h, memory_mask, memory=memory))
+        return self._residual(x, self.ffn_norm, self.ffn)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, vocab: int, dim: int, max_length: int, type_vocab: int, dropout: float,
+                 norm: bool, eps: float, pad_id: int = 0):
+        super().__init__()
+        self.word = nn.Embedding(vocab, dim, padding_idx=pad_id)
+        self.position = nn.Embedding(max_length, dim)
+        self.token_type = nn.Embedding(type_vocab, dim) if type_vocab else None
+        self.norm = nn.LayerNorm(dim, eps=eps) if norm else None
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, ids: torch.Tensor, type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        t = ids.shape[1]
+        if t > self.position.num_embeddings:
+            raise ValueError(f"sequence of {t} tokens is longer than the model's {self.position.num_embeddings}")
+        x = self.word(ids) + self.position.weight[:t][None]
+        if self.token_type is not None:
+            x = x + (self.token_type(type_ids) if type_ids is not None else self.token_type.weight[0])
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.drop(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, vocab: int, dim: int, layers: int, heads: int, ffn_dim: int, max_length: int,
+                 type_vocab: int, dropout: float, norm: str, eps: float, pad_id: int):
+        super().__init__()
+        post = norm == "post"
+        self.embeddings = Embeddings(vocab, dim, max_length, type_vocab, dropout, post, eps, pad_id)
+        self.layers = nn.ModuleList(Block(dim, heads, ffn_dim, dropout, norm, eps=eps) for _ in range(layers))
+        self.final_norm = None if post else nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, ids, mask, type_ids=None):
+        x = self.embeddings(ids, type_ids)
+        attn_mask = mask[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, attn_mask)
+        return self.final_norm(x) if self.final_norm is not None else x
+
+
+class Decoder(nn.Module):
+    """A causal pre-LN decoder that cross-attends to a memory (Sora: the sentence code)."""
+
+    def __init__(self, word: nn.Embedding, dim: int, layers: int, heads: int, ffn_dim: int, max_length: int,
+                 dropout: float, eps: float = 1e-5):
+        super().__init__()
+        self.word = word  # tied to the encoder's embedding (and so to the output layer)
+        self.position = nn.Embedding(max_length, dim)
+        self.layers = nn.ModuleList(
+            Block(dim, heads, ffn_dim, dropout, "pre", cross=True, eps=eps) for _ in range(layers)
+        )
+        self.final_norm = nn.LayerNorm(dim, eps=eps)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[1]
+        x = self.drop(self.word(ids) + self.position.weight[:t][None])
+        causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()
+        attn_mask = causal[None, None] & mask[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, attn_mask, memory=memory)
+        return self.final_norm(x)

@@ -1,0 +1,1 @@
+"""Text: tokenizers, noise functions and classic preprocessing."""

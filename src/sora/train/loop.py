@@ -1,0 +1,308 @@
+"""The training loop, visible top to bottom. It knows objectives only as weighted callables.
+
+Exact resume: a checkpoint stores the weights, the optimizer and scheduler, and the data position
+(epoch, batches consumed). Randomness (noise, dropout) is re-seeded from (seed, step, rank) at every
+step, so a resumed run draws exactly what the uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from sora.config import TrainConfig
+from sora.errors import SoraError
+from sora.models.autoencoder import SoraModel
+from sora.models.checkpoint import latest_checkpoint, save_checkpoint
+from sora.text.tokenizer import SoraTokenizer
+from sora.train.distributed import Dist, all_mean, any_true
+
+Batch = dict[str, torch.Tensor]
+
+
+class TrainUnit(nn.Module):
+    """The model plus its weighted objectives; DDP wraps this so every objective's graph is synced."""
+
+    def __init__(self, model: SoraModel, objectives: dict[str, tuple[float, nn.Module]]):
+        super().__init__()
+        self.model = model
+        self.objectives = nn.ModuleDict({name: obj for name, (_, obj) in objectives.items()})
+        self.weights = {name: w for name, (w, _) in objectives.items()}
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        losses = {name: obj(self.model, batch) for name, obj in self.objectives.items()}
+        losses["loss"] = sum(self.weights[n] * losses[n] for n in self.objectives)
+        return losses
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    elapsed_s: float = 0.0
+    tokens: int = 0
+    best_val: float | None = None
+    stop: bool = False  # set by an ``on_step`` hook (early stopping)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """fp32 on CPU unless asked: this class of CPU (no native bf16) runs bf16 matmuls ~350x slower."""
+    if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type != "cuda"):
+        return None
+    if cfg.precision in ("bf16", "auto"):
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
+    return torch.float16
+
+
+def _optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig, lr_scale: Callable[[str], float] | None,
+               named: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
+    """AdamW without decay on biases and norms; ``lr_scale(name)`` allows layer-wise learning rates."""
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        decay = cfg.weight_decay if p.ndim >= 2 else 0.0
+        scale = lr_scale(name) if lr_scale else 1.0
+        groups.setdefault((decay, scale), []).append(p)
+    return torch.optim.AdamW(
+        [{"params": ps, "weight_decay": d, "lr": cfg.lr * s} for (d, s), ps in groups.items()], lr=cfg.lr
+    )
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    sd = opt.state_dict()
+    tensors = {f"opt.{idx}.{k}": v for idx, st in sd["state"].items() for k, v in st.items()}
+    return {"param_groups": sd["param_groups"]}, tensors
+
+
+def _unflatten_optimizer(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def fit(
+    model: SoraModel,
+    tokenizer: SoraTokenizer,
+    objectives: dict[str, tuple[float, nn.Module]],
+    train_batches: Callable[[int], Iterable[Batch]],
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    dist: Dist,
+    *,
+    val_batches: list[Batch] | None = None,
+    info: dict[str, Any] | None = None,
+    resume: bool = False,
+    lr_scale: Callable[[str], float] | None = None,
+    evaluate: Callable[[SoraModel], dict[str, float]] | None = None,
+    on_step: Callable[[TrainState, SoraModel], None] | None = None,
+) -> TrainState:
+    """Train until ``max_steps`` or ``max_minutes``. ``train_batches(epoch)`` yields this rank's batches.
+
+    ``evaluate(model)`` (optional) adds metrics at each validation; ``on_step`` sees the state after each
+    optimizer step (early stopping and gradual unfreezing hook in here).
+    """
+    out = Path(out_dir)
+    device = dist.device
+    unit = TrainUnit(model, objectives).to(device)
+    named = list(unit.named_parameters())
+    opt = _optimizer(unit.parameters(), cfg, lr_scale, named)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    state = TrainState()
+
+    if resume:
+        state = _restore(out, unit, opt, sched, device)
+    runner: nn.Module = unit
+    if dist.enabled:
+        runner = DistributedDataParallel(unit, find_unused_parameters=True)
+    amp = autocast_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+    log = _Log(out / "train_log.jsonl", state.step, dist.is_main)
+    bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not (dist.is_main and cfg.progress),
+               unit="step", dynamic_ncols=True, mininterval=1.0)
+
+    def save(directory: Path) -> None:
+        meta, tensors = _flatten_optimizer(opt)
+        trainer_state = {**state.__dict__, "optimizer": meta, "scheduler": sched.state_dict(),
+                         "seed": cfg.seed, "world_size": dist.world_size}
+        save_checkpoint(directory, model, tokenizer, info, trainer_state, tensors)
+
+    t_start = time.perf_counter() - state.elapsed_s
+    window_tokens, window_t = 0, time.perf_counter()
+    micro, losses_acc = 0, {}
+    done = state.step >= cfg.max_steps
+    unit.train()
+    while not done:
+        produced = False
+        for i, batch in enumerate(train_batches(state.epoch)):
+            produced = True
+            if i < state.batches_in_epoch:
+                continue  # resuming: these batches were consumed before the checkpoint
+            torch.manual_seed(cfg.seed * 1_000_003 + state.step * 997 + micro * 31 + dist.rank)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            sync = micro + 1 == cfg.grad_accum
+            ctx = runner.no_sync() if (dist.enabled and not sync) else contextlib.nullcontext()
+            with ctx, torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                losses = runner(batch)
+                loss = losses["loss"] / cfg.grad_accum
+                (scaler.scale(loss) if scaler else loss).backward()
+            for k, v in losses.items():
+                losses_acc[k] = losses_acc.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            ntok = int(batch["attention_mask"].sum())
+            state.tokens += ntok * dist.world_size
+            window_tokens += ntok * dist.world_size
+            state.batches_in_epoch = i + 1
+            micro += 1
+            if micro < cfg.grad_accum:
+                continue
+
+            if scaler:
+                scaler.unscale_(opt)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(unit.parameters(), cfg.grad_clip))
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            state.step += 1
+            micro = 0
+            state.elapsed_s = time.perf_counter() - t_start
+            record = {"step": state.step, **{k: all_mean(v, dist) for k, v in losses_acc.items()},
+                      "lr": sched.get_last_lr()[0], "grad_norm": grad_norm}
+            losses_acc = {}
+            if not math.isfinite(record["loss"]):
+                raise SoraError(f"loss became {record['loss']} at step {state.step}; lower train.lr or use fp32")
+            log.write(record)
+            if state.step % cfg.log_every == 0 or state.step == 1:
+                now = time.perf_counter()
+                rate = window_tokens / max(now - window_t, 1e-9)
+                window_tokens, window_t = 0, now
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+            bar.update(1)
+
+            last = state.step >= cfg.max_steps
+            over_budget = cfg.max_minutes is not None and state.elapsed_s > cfg.max_minutes * 60
+            last = last or any_true(over_budget, dist)
+            if dist.is_main and (state.step % cfg.eval_every == 0 or last) and (val_batches or evaluate):
+                metrics = validate(unit, val_batches or [], cfg.seed, device, amp)
+                if evaluate:
+                    metrics.update(evaluate(model))
+                    unit.train()
+                state.history.append({"step": state.step, **metrics})
+                log.write({"step": state.step, **metrics})
+                bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if on_step is not None:
+                on_step(state, model)
+            if dist.is_main and (state.step % cfg.save_every == 0 or last):
+                save(out / "checkpoints" / f"step-{state.step:07d}")
+                _prune(out, cfg.keep_checkpoints)
+            if last or state.stop:
+                done = True
+                break
+        else:
+            if not produced:
+                raise SoraError("the training data yielded no batch (empty data, or fewer batches than processes)")
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    bar.close()
+    if dist.is_main:
+        final = out / "checkpoints" / f"step-{state.step:07d}"
+        if not final.exists():
+            save(final)
+        save(out / "model")
+    return state
+
+
+@torch.no_grad()
+def validate(unit: TrainUnit, batches: list[Batch], seed: int, device: torch.device,
+             amp: torch.dtype | None) -> dict[str, float]:
+    """Mean validation losses with fixed noise (same seed every time), so curves are comparable."""
+    if not batches:
+        return {}
+    unit.eval()
+    totals: dict[str, float] = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                for k, v in unit(batch).items():
+                    totals[f"val_{k}"] = totals.get(f"val_{k}", 0.0) + float(v)
+    unit.train()
+    return {k: v / len(batches) for k, v in totals.items()}
+
+
+def _restore(out: Path, unit: TrainUnit, opt, sched, device) -> TrainState:
+    from safetensors.torch import load_file, load_model
+
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise SoraError(f"--resume: no checkpoint under {out / 'checkpoints'}")
+    if not (ckpt / "trainer" / "state.json").is_file():
+        raise SoraError(f"--resume: {ckpt} has no trainer state")
+    load_model(unit.model, str(ckpt / "model.safetensors"), strict=True, device=str(device))
+    meta = json.loads((ckpt / "trainer" / "state.json").read_text())
+    tensors = load_file(str(ckpt / "trainer" / "state.safetensors"), device=str(device))
+    opt.load_state_dict(_unflatten_optimizer(meta["optimizer"], tensors))
+    sched.load_state_dict(meta["scheduler"])
+    fields = TrainState.__dataclass_fields__
+    return TrainState(**{k: v for k, v in meta.items() if k in fields})
+
+
+def _prune(out: Path, keep: int) -> None:
+    ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda d: int(d.name.split("-")[1]))
+    for old in ckpts[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class _Log:
+    """``train_log.jsonl``: one line per step and per validation. On resume, lines past the checkpoint
+    (written by the killed run after its last save) are dropped so the log reads as one run."""
+
+    def __init__(self, path: Path, resume_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step and path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+        path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
