@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,6 +32,8 @@ from sora.text.tokenizer import SoraTokenizer
 from sora.train.distributed import Dist, all_mean, any_true
 
 Batch = dict[str, torch.Tensor]
+# Tests set this to SIGKILL the process right after that optimizer step, as a crash would.
+_KILL_AT_STEP = int(os.environ.get("SORA_FAULT_KILL_AT_STEP", "0"))
 
 
 class TrainUnit(nn.Module):
@@ -229,6 +233,8 @@ def fit(
             if dist.is_main and (state.step % cfg.save_every == 0 or last):
                 save(out / "checkpoints" / f"step-{state.step:07d}")
                 _prune(out, cfg.keep_checkpoints)
+            if _KILL_AT_STEP and state.step == _KILL_AT_STEP:  # fault injection for the resume test
+                os.kill(os.getpid(), signal.SIGKILL)
             if last or state.stop:
                 done = True
                 break
