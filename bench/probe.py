@@ -1,0 +1,182 @@
+"""Representation quality: logistic regression on frozen embeddings (sst2, trec, ag_news).
+
+Systems, on the same labeled examples and the same test set:
+  (a) random   a randomly initialised Sora encoder (same tokenizer and size as (b))
+  (b) scratch  Sora pretrained from scratch on the dataset's unlabeled train text, for a fixed CPU budget
+  (c) minilm   all-MiniLM-L6-v2 as it is (mean pooling)
+  (d) adapted  all-MiniLM-L6-v2 after Sora domain adaptation on that text, same budget as (b)
+  (e) tfidf    TF-IDF word 1-2 grams
+
+The probe's C is chosen on the validation split; accuracy is reported on test.
+
+    python bench/probe.py                 # full: 15-minute pretraining budget per run
+    python bench/probe.py --quick         # < 2 minutes: tiny budget, small slices
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import sora  # noqa: E402
+from sora.config import load_recipe  # noqa: E402
+from sora.models.checkpoint import save_checkpoint  # noqa: E402
+from sora.models.hf_import import resolve_backbone  # noqa: E402
+from sora.text.tokenizer import SoraTokenizer  # noqa: E402
+from sora.train.pretrain import build_model, run_pretrain  # noqa: E402
+
+SHARED = Path(os.environ.get("SORA_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def read(path: Path, limit: int | None = None) -> tuple[list[str], list[str]]:
+    texts, labels = [], []
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            texts.append(row["text"])
+            labels.append(row["label"])
+            if limit and len(texts) == limit:
+                break
+    return texts, labels
+
+
+def stratified(texts, labels, n, seed=13):
+    """At most ``n`` examples, classes in proportion, with a fixed seed."""
+    if n >= len(texts):
+        return texts, labels
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(texts))[:n]
+    return [texts[i] for i in idx], [labels[i] for i in idx]
+
+
+def probe(xtr, ytr, xva, yva, xte, yte) -> dict:
+    scaler = StandardScaler().fit(xtr)
+    xtr, xva, xte = scaler.transform(xtr), scaler.transform(xva), scaler.transform(xte)
+    best = None
+    for c in (0.01, 0.1, 1.0):
+        clf = LogisticRegression(C=c, max_iter=3000).fit(xtr, ytr)
+        acc = clf.score(xva, yva)
+        if best is None or acc > best[0]:
+            best = (acc, c, clf)
+    val_acc, c, clf = best
+    return {"accuracy": round(float(clf.score(xte, yte)), 4), "val_accuracy": round(float(val_acc), 4), "C": c}
+
+
+def tfidf_probe(tr, va, te) -> dict:
+    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
+    xtr = vec.fit_transform(tr[0])
+    best = None
+    for c in (1.0, 10.0, 100.0):
+        clf = LogisticRegression(C=c, max_iter=3000).fit(xtr, tr[1])
+        acc = clf.score(vec.transform(va[0]), va[1])
+        if best is None or acc > best[0]:
+            best = (acc, c, clf)
+    val_acc, c, clf = best
+    return {"accuracy": round(float(clf.score(vec.transform(te[0]), te[1])), 4), "val_accuracy": round(val_acc, 4),
+            "C": c}
+
+
+def pretrain(recipe_file: str, out: Path, train_file: Path, minutes: float, overrides: dict) -> dict:
+    recipe = load_recipe(ROOT / "recipes" / recipe_file, {
+        "output": str(out), "data.train": str(train_file), "data.validation": None,
+        "train.max_minutes": minutes, "train.progress": False, **overrides})
+    t0 = time.time()
+    summary = run_pretrain(recipe)
+    return {"steps": summary["steps"], "tokens": summary["tokens"], "seconds": round(time.time() - t0, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default="sst2,trec,ag_news")
+    ap.add_argument("--minutes", type=float, default=15.0, help="pretraining budget per run (b, d)")
+    ap.add_argument("--probe-train", type=int, default=5000, help="labeled examples for the probe")
+    ap.add_argument("--max-test", type=int, default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "probe"))
+    args = ap.parse_args()
+    if args.quick:
+        args.minutes, args.probe_train, args.max_test, args.datasets = 0.15, 300, 200, "trec"
+    torch.set_num_threads(os.cpu_count() or 1)
+    out_root = Path(args.out)
+    results: dict = {"datasets": {}, "minutes_per_pretraining": args.minutes, "probe_train": args.probe_train,
+                     "command": "python bench/probe.py " + " ".join(sys.argv[1:]),
+                     "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                                f"torch {torch.__version__}"}
+    for name in args.datasets.split(","):
+        d = SHARED / name
+        if not (d / "train.jsonl").is_file():
+            sys.exit(f"error: {d} missing (needs ../shared/data)")
+        t0 = time.time()
+        train_all = read(d / "train.jsonl")
+        tr = stratified(*train_all, args.probe_train)
+        va = stratified(*read(d / "validation.jsonl"), 1000)
+        te = read(d / "test.jsonl", args.max_test)
+        row: dict = {"tfidf": tfidf_probe(tr, va, te)}
+        unlabeled = out_root / name / "unlabeled.txt"
+        unlabeled.parent.mkdir(parents=True, exist_ok=True)
+        unlabeled.write_text("".join(t.replace("\n", " ") + "\n" for t in train_all[0]), encoding="utf-8")
+
+        scratch = out_root / name / "scratch"
+        row["scratch"] = {"pretraining": pretrain("pretrain-scratch.yaml", scratch, unlabeled, args.minutes, {})}
+        # (a): the same tokenizer and architecture as (b), with the weights as initialised.
+        rnd = initial("pretrain-scratch.yaml", out_root / name / "random", {"tokenizer.path": str(scratch)})
+        row["random"] = score(rnd, tr, va, te)
+        row["scratch"].update(score(scratch, tr, va, te))
+        row["minilm"] = score(initial("adapt-minilm.yaml", out_root / name / "minilm", {}), tr, va, te)
+        adapted = out_root / name / "adapted"
+        row["adapted"] = {"pretraining": pretrain("adapt-minilm.yaml", adapted, unlabeled, args.minutes, {})}
+        row["adapted"].update(score(adapted, tr, va, te))
+        row["seconds"] = round(time.time() - t0, 1)
+        results["datasets"][name] = row
+        print(f"{name}: " + ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in row.items() if isinstance(v, dict)),
+              file=sys.stderr, flush=True)
+    out_file = ROOT / "bench" / "results" / ("probe.quick.json" if args.quick else "probe.json")
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps(results, indent=2))
+    print(markdown(results), file=sys.stderr)
+    print(json.dumps(results))
+
+
+def initial(recipe_file: str, out: Path, overrides: dict) -> Path:
+    """A checkpoint of the model as built by the recipe, before any training."""
+    recipe = load_recipe(ROOT / "recipes" / recipe_file, overrides)
+    torch.manual_seed(recipe.train.seed)
+    tokenizer = (SoraTokenizer.load(recipe.tokenizer.path) if recipe.tokenizer.path
+                 else SoraTokenizer.load(resolve_backbone(recipe.model.backbone)))
+    save_checkpoint(out, build_model(recipe.model, tokenizer), tokenizer, {"recipe": recipe.model_dump()})
+    return out
+
+
+def score(model_dir: Path, tr, va, te) -> dict:
+    m = sora.load(model_dir)
+    xtr, xva, xte = (m.embed(x[0], batch_size=128) for x in (tr, va, te))
+    return probe(xtr, tr[1], xva, va[1], xte, te[1])
+
+
+def markdown(results: dict) -> str:
+    systems = [("random", "(a) Sora, random init"), ("scratch", "(b) Sora from scratch"),
+               ("minilm", "(c) all-MiniLM-L6-v2"), ("adapted", "(d) MiniLM + Sora adaptation"), ("tfidf", "(e) TF-IDF")]
+    names = list(results["datasets"])
+    lines = ["| system | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for key, label in systems:
+        cells = [f"{results['datasets'][n][key]['accuracy'] * 100:.1f}" for n in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
