@@ -7,6 +7,7 @@ file at the right place: a missing file, an unknown column, bad UTF-8, bad JSON,
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,16 +68,19 @@ def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def _delimited(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]]:
     lines = _decoded_lines(path)
-    numbers: list[int] = []
+    numbers: list[tuple[int, bool]] = []  # (line, non-empty) of the lines read for the current record
 
     def feed() -> Iterator[str]:
         for number, line in lines:
-            numbers.append(number)
+            numbers.append((number, bool(line.strip("\r\n"))))
             yield line
 
     reader = csv.DictReader(feed(), delimiter=delimiter)
+    _ = reader.fieldnames  # read the header row
+    numbers.clear()
     for record in reader:
-        yield numbers[-1], record
+        # A record starts at its first non-empty line (csv skips empty rows); a quoted field may span lines.
+        yield next(n for n, nonempty in numbers if nonempty), record
         numbers.clear()
 
 
@@ -157,10 +161,9 @@ class TextSource:
         self.limit = limit
 
     def __iter__(self) -> Iterator[str]:
-        for i, text in enumerate(read_texts(self.path, self.column, self.fmt)):
-            if self.limit is not None and i >= self.limit:
-                return
-            yield text
+        texts = read_texts(self.path, self.column, self.fmt)
+        # islice stops without reading past the limit (a bad record after it is never touched).
+        yield from texts if self.limit is None else itertools.islice(texts, self.limit)
 
     def check(self) -> None:
         """Fail fast on the first record (missing column, bad bytes, empty) before any training starts."""

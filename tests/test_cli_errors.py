@@ -1,0 +1,104 @@
+"""Errors a user can fix come out of the CLI as one line, name the file (and line), and write nothing.
+
+All cases start at once as subprocesses (a module fixture), so the file costs about one CLI start-up per core.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PRETRAIN = ["pretrain", "--max-steps", "2", "--no-progress"]
+
+
+def _cases(d: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """name -> (argv after ``sora``, strings the error line must contain)."""
+    (d / "empty.jsonl").write_bytes(b"")
+    (d / "blank.txt").write_text("\n  \n\n", encoding="utf-8")
+    (d / "nocol.jsonl").write_text(json.dumps({"text": "hello there"}) + "\n", encoding="utf-8")
+    (d / "badutf8.jsonl").write_bytes(b'{"text": "one"}\n{"text": "two"}\n{"text": "bad \xff\xfe here"}\n')
+    (d / "badjson.jsonl").write_text('{"text": "one"}\n{"text": oops}\n', encoding="utf-8")
+    (d / "data.xlsx").write_text("text\nhello\n", encoding="utf-8")
+    good = d / "good.jsonl"
+    good.write_text("".join(json.dumps({"text": f"sentence number {i}"}) + "\n" for i in range(20)), encoding="utf-8")
+
+    def pretrain(name: str, data: str, *extra: str) -> list[str]:
+        return [*PRETRAIN, "--train", data, "-o", str(d / "out" / name), *extra]
+
+    missing = str(d / "missing.jsonl")
+    return {
+        "missing": (pretrain("missing", missing), [missing, "not found"]),
+        "empty": (pretrain("empty", str(d / "empty.jsonl")), [str(d / "empty.jsonl"), "no text"]),
+        "blank": (pretrain("blank", str(d / "blank.txt")), [str(d / "blank.txt"), "no text"]),
+        "column": (pretrain("column", str(d / "nocol.jsonl"), "--column", "body"),
+                   [f"{d / 'nocol.jsonl'}:1:", "'body'", "text"]),
+        "utf8": (pretrain("utf8", str(d / "badutf8.jsonl")), [f"{d / 'badutf8.jsonl'}:3:", "UTF-8"]),
+        "json": (pretrain("json", str(d / "badjson.jsonl")), [f"{d / 'badjson.jsonl'}:2:", "JSON"]),
+        "extension": (pretrain("extension", str(d / "data.xlsx")), [str(d / "data.xlsx"), ".xlsx"]),
+        "set_unknown": (pretrain("set_unknown", str(good), "--set", "model.nonexistent=3"),
+                        ["model.nonexistent"]),
+        "set_no_equals": (pretrain("set_no_equals", str(good), "--set", "model.dim"), ["model.dim", "key=value"]),
+        "set_bad_value": (pretrain("set_bad_value", str(good), "--set", "data.batch_size=0"), ["data.batch_size"]),
+        "recipe_missing": ([*PRETRAIN, str(d / "nope.yaml"), "--train", str(good), "-o", str(d / "out" / "recipe_missing")],
+                           [str(d / "nope.yaml")]),
+        "embed_missing_checkpoint": (["embed", str(d / "no_ckpt"), str(good), "-o", str(d / "out" / "embed_missing_checkpoint" / "v.npy")],
+                                     [str(d / "no_ckpt")]),
+    }
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, list[str], Path]]:
+    d = tmp_path_factory.mktemp("cli")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "NO_COLOR": "1", "CUDA_VISIBLE_DEVICES": ""}
+    procs = {}
+    for name, (argv, expect) in _cases(d).items():
+        p = subprocess.Popen([sys.executable, "-m", "sora.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=d, env=env)
+        procs[name] = (p, argv, expect)
+    out = {}
+    for name, (p, argv, expect) in procs.items():
+        stdout, stderr = p.communicate(timeout=120)
+        out[name] = (subprocess.CompletedProcess(argv, p.returncode, stdout, stderr), expect, d)
+    return out
+
+
+CASES = ["missing", "empty", "blank", "column", "utf8", "json", "extension", "set_unknown", "set_no_equals",
+         "set_bad_value", "recipe_missing", "embed_missing_checkpoint"]
+
+
+def test_all_cases_listed(tmp_path: Path):
+    assert sorted(CASES) == sorted(_cases(tmp_path))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_one_line_error(results, name):
+    proc, expect, _ = results[name]
+    report = f"rc={proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode != 0, report
+    assert "Traceback" not in proc.stdout + proc.stderr, report
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, report
+    assert lines[0].startswith("error: "), report
+    assert "\x1b[" not in lines[0], report  # no colour codes when not on a terminal
+    for piece in expect:
+        assert piece in lines[0], report
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_failure_writes_nothing(results, name):
+    _, _, d = results[name]
+    out = d / "out" / name
+    assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
+
+
+def test_no_checkpoints_anywhere(results):
+    _, _, d = next(iter(results.values()))
+    out = d / "out"
+    written = sorted(p.relative_to(out) for p in out.rglob("*")) if out.exists() else []
+    assert written == []
+    assert not (d / "runs").exists()  # the default output directory was not used either
