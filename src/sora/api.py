@@ -76,3 +76,27 @@ def load(path: str | Path, device: str = "cpu") -> Sora:
     dev = torch.device(device)
     model, tokenizer, config = load_checkpoint(p, dev)
     return Sora(model, tokenizer, config, p, dev)
+
+
+@torch.inference_mode()
+def predict_scores(model: SoraModel, tokenizer: SoraTokenizer, name: str, encoded: list[dict[str, Any]],
+                   batch_size: int = 64) -> np.ndarray:
+    """Scores of head ``name`` for pre-encoded examples (see ``data.tasks.encode_examples``), in order:
+    (n, labels) probabilities, or (n,) values for regression."""
+    from sora.data.tasks import make_batch
+    from sora.models.heads import scores, task_logits
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]["ids"]))
+    out: np.ndarray | None = None
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in make_batch([encoded[i] for i in idx], tokenizer.pad_id).items()}
+        s = scores(model.head_specs[name], task_logits(model, name, batch)).float().cpu().numpy()
+        if out is None:
+            out = np.zeros((len(encoded), *s.shape[1:]), dtype=np.float32)
+        out[idx] = s
+    model.train(was_training)
+    return out if out is not None else np.zeros((0,), dtype=np.float32)

@@ -79,8 +79,8 @@ class TrainConfig(_Strict):
     grad_clip: float = 1.0
     grad_accum: int = Field(1, ge=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    eval_every: int = 200
-    save_every: int = 500
+    eval_every: int = Field(200, ge=0)  # 0: only at the end
+    save_every: int = Field(500, ge=0)  # 0: only at the end
     keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 13
@@ -117,6 +117,10 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
 
 def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
     """Read a YAML recipe (or start from defaults) and apply overrides; errors name the bad key."""
+    return _load(Recipe, path, overrides)
+
+
+def _load(kind: type[BaseModel], path: str | Path | None, overrides: dict[str, Any] | None):
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -130,8 +134,65 @@ def load_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"{p}: a recipe must be a mapping of sections")
     raw = apply_overrides(raw, overrides or {})
     try:
-        return Recipe.model_validate(raw)
+        return kind.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(x) for x in first["loc"])
         raise ConfigError(f"recipe: {where}: {first['msg']}") from None
+
+
+# ---- fine-tuning -------------------------------------------------------------------------------------------
+
+TaskType = Literal["classification", "multilabel", "pair", "regression"]
+
+
+class TaskConfig(_Strict):
+    """One supervised task: its data, columns, labels and head. ``pair`` tasks read text_a/text_b."""
+
+    name: str = "task"
+    type: TaskType = "classification"
+    data: str | None = None  # a directory with train/validation/test files, or the train file
+    validation: str | None = None
+    test: str | None = None
+    text_column: str = "text"
+    text_b_column: str = "text_b"
+    inputs: Literal["auto", "single", "pair"] = "auto"  # auto: pairs when the data has text_b_column
+    label_column: str = "label"
+    labels: list[str] | None = None  # default: inferred from the training data, sorted
+    pair_mode: Literal["cross", "siamese"] = "cross"
+    labels_per_class: int | None = None  # few-label regime: sample N per class (seeded)
+    max_train: int | None = None  # cap the training set (seeded subsample)
+    class_weights: bool = False  # inverse-frequency weights against imbalance
+    head_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    weight: float = Field(1.0, gt=0)  # α_t when several tasks train together
+    metric: str | None = None  # model selection: default accuracy / micro_f1 / pearson by type
+    label_separator: str = ","  # multilabel: labels given as "a,b" (or a JSON list)
+
+
+class FinetuneConfig(_Strict):
+    init: str | None = None  # a Sora checkpoint / run dir, or a local HF encoder (e.g. all-MiniLM-L6-v2)
+    layer_lr_decay: float = Field(1.0, gt=0, le=1.0)  # lr × decay^(depth from the top) per encoder layer
+    head_lr_multiplier: float = Field(1.0, gt=0)
+    gradual_unfreeze: bool = False  # train the head first, then unfreeze one layer from the top per epoch
+    epochs: float = Field(5.0, gt=0)
+    max_steps: int | None = None  # overrides epochs
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_evaluations: int = Field(20, ge=1)  # validation at most this often (and at least once per epoch)
+    patience: int = Field(3, ge=0)  # evaluations without improvement before stopping (0: never stop)
+    aux_denoise_weight: float = Field(0.0, ge=0)  # α of the continued denoising loss on unlabeled text
+    unlabeled: str | None = None  # unlabeled text for it (default: the tasks' training texts)
+    seed: int = 13
+
+
+class FinetuneRecipe(_Strict):
+    output: str = "runs/finetune"
+    data: DataConfig = DataConfig(batch_size=16)
+    finetune: FinetuneConfig = FinetuneConfig()
+    tasks: list[TaskConfig] = [TaskConfig()]
+    model: ModelConfig = ModelConfig(code_dim=None, decoder_layers=2, output_vocab="batch")  # used with HF init
+    objectives: list[ObjectiveConfig] = [ObjectiveConfig()]  # the auxiliary denoising objective
+    train: TrainConfig = TrainConfig(lr=5e-5, warmup_steps=0, eval_every=0, save_every=0, max_steps=1)
+
+
+def load_finetune_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> FinetuneRecipe:
+    return _load(FinetuneRecipe, path, overrides)

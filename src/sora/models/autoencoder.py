@@ -29,6 +29,7 @@ class SoraModel(nn.Module):
             self.decoder = Decoder(self.encoder.embeddings.word, cfg.dim, cfg.decoder_layers,
                                    cfg.decoder_heads or cfg.heads, cfg.ffn_dim, cfg.max_length, cfg.dropout)
         self.heads = nn.ModuleDict()
+        self.head_specs: dict = {}  # name -> models.heads.HeadSpec, kept in config.json
         self.apply(self._init)
 
     @staticmethod

@@ -23,6 +23,7 @@ from safetensors.torch import load_model, save_model
 from sora.config import ModelConfig
 from sora.errors import CheckpointError
 from sora.models.autoencoder import SoraModel
+from sora.models.heads import build_heads
 from sora.text.tokenizer import SoraTokenizer
 
 FORMAT_VERSION = 1
@@ -53,7 +54,8 @@ def save_checkpoint(directory: str | Path, model: SoraModel, tokenizer: SoraToke
     directory = Path(directory)
 
     def write(tmp: Path) -> None:
-        config = {"format_version": FORMAT_VERSION, "model": model.cfg.model_dump(), **(info or {})}
+        config = {"format_version": FORMAT_VERSION, "model": model.cfg.model_dump(), **(info or {}),
+                  "heads": {name: spec.model_dump() for name, spec in model.head_specs.items()}}
         (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
         save_model(model, str(tmp / "model.safetensors"))
         tokenizer.save(tmp)
@@ -90,6 +92,14 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def is_sora_checkpoint(path: str | Path) -> bool:
+    """True for a Sora checkpoint or run dir; False for anything else (e.g. an HF model directory)."""
+    try:
+        return "format_version" in read_config(path)
+    except CheckpointError:
+        return False
+
+
 def read_config(path: str | Path) -> dict[str, Any]:
     p = resolve_checkpoint(path)
     try:
@@ -98,15 +108,12 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{p / 'config.json'}: corrupt ({exc.msg})") from None
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
-                    build_heads=None) -> tuple[SoraModel, SoraTokenizer, dict[str, Any]]:
-    """Rebuild the model from its config, then load weights. ``build_heads(model, config)`` re-creates
-    task heads recorded in the config before the weights are loaded."""
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[SoraModel, SoraTokenizer, dict]:
+    """Rebuild the model and its task heads from the config, then load the weights."""
     p = resolve_checkpoint(path)
     config = read_config(p)
     model = SoraModel(ModelConfig.model_validate(config["model"]))
-    if build_heads is not None:
-        build_heads(model, config)
+    build_heads(model, config)
     missing, unexpected = load_model(model, str(p / "model.safetensors"), strict=False, device=str(device))
     if missing or unexpected:
         raise CheckpointError(f"{p}: weights do not match the config (missing {list(missing)[:3]}, "

@@ -21,12 +21,14 @@ def _specials(model: SoraModel, device: torch.device) -> torch.Tensor:
 
 
 class Reconstruction(nn.Module):
-    def __init__(self, noise: str = "delete", ratio: float = 0.6):
+    """``prefix`` picks the batch's keys: ``aux_`` reads the unlabeled part of a fine-tuning batch."""
+
+    def __init__(self, noise: str = "delete", ratio: float = 0.6, prefix: str = ""):
         super().__init__()
-        self.noise, self.ratio = NOISE[noise], ratio
+        self.noise, self.ratio, self.prefix = NOISE[noise], ratio, prefix
 
     def forward(self, model: SoraModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+        ids, mask = batch[self.prefix + "input_ids"], batch[self.prefix + "attention_mask"]
         noisy, noisy_mask = self.noise(ids, mask, self.ratio, _specials(model, ids.device), model.cfg.mask_id)
         code = model.embed(noisy, noisy_mask)
         return model.reconstruction_loss(code, ids, mask)
@@ -46,9 +48,9 @@ class MaskedLM(nn.Module):
         return model.mlm_loss(masked, mask, labels)
 
 
-def build_objective(cfg: ObjectiveConfig) -> nn.Module:
+def build_objective(cfg: ObjectiveConfig, prefix: str = "") -> nn.Module:
     if cfg.name == "reconstruct":
-        return Reconstruction(cfg.noise, cfg.ratio)
+        return Reconstruction(cfg.noise, cfg.ratio, prefix)
     if cfg.name == "mlm":
         return MaskedLM(cfg.ratio)
     raise ValueError(f"unknown objective {cfg.name!r}")

@@ -90,9 +90,7 @@ def _optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig, lr_scale: Calla
                named: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
     """AdamW without decay on biases and norms; ``lr_scale(name)`` allows layer-wise learning rates."""
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-    for name, p in named:
-        if not p.requires_grad:
-            continue
+    for name, p in named:  # frozen parameters too: gradual unfreezing turns them on later
         decay = cfg.weight_decay if p.ndim >= 2 else 0.0
         scale = lr_scale(name) if lr_scale else 1.0
         groups.setdefault((decay, scale), []).append(p)
@@ -220,7 +218,8 @@ def fit(
             last = state.step >= cfg.max_steps
             over_budget = cfg.max_minutes is not None and state.elapsed_s > cfg.max_minutes * 60
             last = last or any_true(over_budget, dist)
-            if dist.is_main and (state.step % cfg.eval_every == 0 or last) and (val_batches or evaluate):
+            due = bool(cfg.eval_every and state.step % cfg.eval_every == 0) or last
+            if dist.is_main and due and (val_batches or evaluate):
                 metrics = validate(unit, val_batches or [], cfg.seed, device, amp)
                 if evaluate:
                     metrics.update(evaluate(model))
@@ -230,7 +229,8 @@ def fit(
                 bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if on_step is not None:
                 on_step(state, model)
-            if dist.is_main and (state.step % cfg.save_every == 0 or last):
+            state.stop = any_true(state.stop, dist)  # early stopping is decided on rank 0
+            if dist.is_main and ((cfg.save_every and state.step % cfg.save_every == 0) or last):
                 save(out / "checkpoints" / f"step-{state.step:07d}")
                 _prune(out, cfg.keep_checkpoints)
             if _KILL_AT_STEP and state.step == _KILL_AT_STEP:  # fault injection for the resume test

@@ -1,0 +1,224 @@
+"""Labeled task data: examples, label sets, few-label sampling and batches.
+
+Labeled sets are small next to unlabeled corpora, so they are read into memory. Bad labels are found
+here, before training, with the file and line: a missing label, or a label column of mixed types.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sora.config import TaskConfig
+from sora.data.batching import collate
+from sora.data.readers import read_records, resolve_split
+from sora.errors import DataError
+from sora.text.tokenizer import SoraTokenizer
+
+
+@dataclass
+class Example:
+    text: str
+    label: Any  # str (classification), float (regression), list[str] (multilabel), None (unlabeled)
+    text_b: str | None = None
+    line: int = 0
+
+
+@dataclass
+class TaskData:
+    task: TaskConfig
+    pair: bool
+    labels: list[str] | None  # None for regression
+    train: list[Example]
+    validation: list[Example] = field(default_factory=list)
+    test: list[Example] = field(default_factory=list)
+
+
+def _label_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, list):
+        return "list"
+    return "text"
+
+
+def read_examples(path: str | Path, task: TaskConfig, split: str = "train", require_labels: bool = True,
+                  pair: bool | None = None) -> tuple[list[Example], bool]:
+    """Examples of one split, and whether they are pairs. Labels are checked line by line."""
+    p = resolve_split(path, split)
+    examples: list[Example] = []
+    first_kind: tuple[str, int, Any] | None = None
+    for line, record in read_records(p):
+        if pair is None:
+            pair = task.inputs == "pair" or task.type == "pair" or (
+                task.inputs == "auto" and task.text_b_column in record)
+        text_key = "text_a" if pair and "text_a" in record and task.text_column not in record else task.text_column
+        for key in (text_key, task.text_b_column) if pair else (text_key,):
+            if key not in record:
+                raise DataError(f"{p}:{line}: no column {key!r} (columns: {', '.join(map(str, record))})")
+            if not isinstance(record[key], str):
+                raise DataError(f"{p}:{line}: column {key!r} holds {type(record[key]).__name__}, not text")
+        label = record.get(task.label_column)
+        if label is None or label == "":
+            if require_labels:
+                where = "missing" if task.label_column not in record else "empty"
+                raise DataError(f"{p}:{line}: {where} label in column {task.label_column!r} "
+                                "(remove the row, or fill it in)")
+        else:
+            kind = _label_kind(label)
+            if first_kind is None:
+                first_kind = (kind, line, label)
+            elif kind != first_kind[0]:
+                raise DataError(f"{p}:{line}: label {label!r} is a {kind}, but line {first_kind[1]} has a "
+                                f"{first_kind[0]} label {first_kind[2]!r}; make the label column one type")
+            label = _convert(label, task, p, line)
+        examples.append(Example(record[text_key], label, record[task.text_b_column] if pair else None, line))
+    if not examples:
+        raise DataError(f"{p}: no examples (empty data)")
+    return examples, bool(pair)
+
+
+def _convert(label: Any, task: TaskConfig, path: Path, line: int) -> Any:
+    if task.type == "regression":
+        try:
+            return float(label)
+        except (TypeError, ValueError):
+            raise DataError(f"{path}:{line}: regression label {label!r} is not a number") from None
+    if task.type == "multilabel":
+        if isinstance(label, list):
+            return [str(x) for x in label]
+        text = str(label).strip()
+        if text.startswith("["):
+            return [str(x) for x in json.loads(text)]
+        return [x.strip() for x in text.split(task.label_separator) if x.strip()]
+    return str(label)
+
+
+def infer_labels(examples: list[Example], task: TaskConfig) -> list[str] | None:
+    if task.type == "regression":
+        return None
+    if task.labels:
+        return list(task.labels)
+    seen: set[str] = set()
+    for ex in examples:
+        seen.update(ex.label if isinstance(ex.label, list) else [ex.label])
+    return sorted(seen, key=lambda x: (0, int(x)) if x.lstrip("-").isdigit() else (1, x))
+
+
+def check_known(examples: list[Example], labels: list[str] | None, where: str) -> None:
+    """Labels the model cannot predict would make every metric silently wrong: refuse them."""
+    if labels is None:
+        return
+    known = set(labels)
+    unseen = Counter(x for ex in examples for x in (ex.label if isinstance(ex.label, list) else [ex.label])
+                     if x is not None and x not in known)
+    if unseen:
+        listed = ", ".join(f"{k!r} ({v} rows)" for k, v in unseen.most_common(5))
+        raise DataError(f"{where}: labels the model never saw in training: {listed}; "
+                        "add them to the training data or the task's `labels`, or drop those rows")
+
+
+def sample_per_class(examples: list[Example], n: int, seed: int) -> list[Example]:
+    """``n`` examples of each label (all of a rarer label), chosen with ``seed``; order shuffled."""
+    rng = random.Random(seed)
+    by_label: dict[str, list[Example]] = {}
+    for ex in examples:
+        key = ex.label[0] if isinstance(ex.label, list) else ex.label
+        by_label.setdefault(str(key), []).append(ex)
+    chosen = [ex for key in sorted(by_label) for ex in rng.sample(by_label[key], min(n, len(by_label[key])))]
+    rng.shuffle(chosen)
+    return chosen
+
+
+def load_task(task: TaskConfig, seed: int = 13) -> TaskData:
+    """Read train/validation/test for a task; sample the few-label regime; check labels."""
+    if not task.data:
+        raise DataError(f"task {task.name!r}: no data (set tasks[].data to a file or a directory)")
+    train, pair = read_examples(task.data, task, "train")
+    labels = infer_labels(train, task)
+    if task.labels_per_class:
+        train = sample_per_class(train, task.labels_per_class, seed)
+    if task.max_train and len(train) > task.max_train:
+        train = random.Random(seed).sample(train, task.max_train)
+    check_known(train, labels, f"{task.data} (train)")
+    data = TaskData(task, pair, labels, train)
+    for split, explicit in (("validation", task.validation), ("test", task.test)):
+        source = explicit or (task.data if Path(task.data).is_dir() else None)
+        if source is None:
+            continue
+        try:
+            rows, _ = read_examples(source, task, split, pair=pair)
+        except DataError as exc:
+            if explicit or "no " + split not in str(exc):
+                raise
+            continue
+        check_known(rows, labels, f"{resolve_split(source, split)}")
+        setattr(data, split, rows)
+    return data
+
+
+def encode_examples(examples: list[Example], pair: bool, mode: str, tokenizer: SoraTokenizer,
+                    max_length: int) -> list[dict[str, Any]]:
+    """Token ids per example: one sequence, a cross-encoded pair, or two sequences (siamese)."""
+    if not pair:
+        return [{"ids": ids} for ids in tokenizer.encode([e.text for e in examples], max_length)]
+    if mode == "cross":
+        enc = tokenizer.encode_pairs([(e.text, e.text_b or "") for e in examples], max_length)
+        return [{"ids": ids, "types": types} for ids, types in enc]
+    a = tokenizer.encode([e.text for e in examples], max_length)
+    b = tokenizer.encode([e.text_b or "" for e in examples], max_length)
+    return [{"ids": x, "b_ids": y} for x, y in zip(a, b, strict=True)]
+
+
+def label_tensor(examples: list[Example], task_type: str, labels: list[str] | None) -> torch.Tensor:
+    if task_type == "regression":
+        return torch.tensor([float(e.label) for e in examples], dtype=torch.float)
+    index = {lb: i for i, lb in enumerate(labels or [])}
+    if task_type == "multilabel":
+        out = torch.zeros(len(examples), len(index))
+        for i, e in enumerate(examples):
+            for lb in e.label:
+                out[i, index[lb]] = 1.0
+        return out
+    return torch.tensor([index[e.label] for e in examples], dtype=torch.long)
+
+
+def make_batch(encoded: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    batch = collate([e["ids"] for e in encoded], pad_id)
+    if "types" in encoded[0]:
+        batch["token_type_ids"] = collate([e["types"] for e in encoded], 0)["input_ids"]
+    if "b_ids" in encoded[0]:
+        b = collate([e["b_ids"] for e in encoded], pad_id)
+        batch["b_input_ids"], batch["b_attention_mask"] = b["input_ids"], b["attention_mask"]
+    return batch
+
+
+def task_batches(encoded: list[dict[str, Any]], targets: torch.Tensor | None, batch_size: int, pad_id: int, *,
+                 seed: int = 0,
+                 epoch: int = 0, shuffle: bool = True, prefix: str = "") -> Iterator[dict[str, torch.Tensor]]:
+    """Length-bucketed batches over in-memory examples; keys get ``prefix`` (to mix tasks in one batch)."""
+    order = list(range(len(encoded)))
+    if shuffle:
+        rng = random.Random(f"{seed}/{epoch}")
+        rng.shuffle(order)
+        bucket = batch_size * 50
+        order = [i for s in range(0, len(order), bucket) for i in sorted(order[s:s + bucket],
+                                                                          key=lambda i: len(encoded[i]["ids"]))]
+        chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+        rng.shuffle(chunks)
+    else:
+        chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    for idx in chunks:
+        batch = make_batch([encoded[i] for i in idx], pad_id)
+        if targets is not None:
+            batch["labels"] = targets[idx]
+        yield {prefix + k: v for k, v in batch.items()}

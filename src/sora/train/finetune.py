@@ -1,0 +1,265 @@
+"""The fine-tuning recipe: a Sora checkpoint or a local HF encoder, plus task heads, trained on labels.
+
+Model selection is on the validation metric: the best weights are kept in memory and restored at the
+end (early stopping after ``patience`` evaluations without improvement). Optional extras: layer-wise
+learning rates, gradual unfreezing, class weights, few-label sampling and a continued denoising loss
+on unlabeled text (α = ``aux_denoise_weight``) so the encoder keeps its domain knowledge.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+from sora.api import predict_scores
+from sora.config import FinetuneRecipe, TaskConfig
+from sora.data import TextSource, token_batches
+from sora.data.tasks import TaskData, encode_examples, label_tensor, load_task
+from sora.errors import ConfigError
+from sora.models.autoencoder import SoraModel
+from sora.models.checkpoint import is_sora_checkpoint, load_checkpoint, save_checkpoint
+from sora.models.heads import HeadSpec, add_head
+from sora.objectives import TaskLoss, build_objective
+from sora.text.tokenizer import SoraTokenizer
+from sora.train.distributed import setup, teardown
+from sora.train.loop import TrainState, fit
+from sora.train.pretrain import build_model
+
+DEFAULT_METRIC = {"classification": "accuracy", "pair": "accuracy", "multilabel": "micro_f1",
+                  "regression": "pearson"}
+
+
+def init_model(init: str | None, recipe: FinetuneRecipe) -> tuple[SoraModel, SoraTokenizer, dict[str, Any]]:
+    """A Sora checkpoint (its heads kept), or an HF encoder directory / the MiniLM alias."""
+    if not init:
+        raise ConfigError("nothing to fine-tune: pass --init CHECKPOINT (or a local HF encoder, e.g. all-MiniLM-L6-v2)")
+    if is_sora_checkpoint(init):
+        return load_checkpoint(init)
+    from sora.models.hf_import import resolve_backbone
+
+    tokenizer = SoraTokenizer.load(resolve_backbone(init))
+    model = build_model(recipe.model.model_copy(update={"backbone": init}), tokenizer)
+    return model, tokenizer, {}
+
+
+def head_spec(task: TaskConfig, data: TaskData) -> HeadSpec:
+    return HeadSpec(type=task.type, pair=data.pair, pair_mode=task.pair_mode, labels=data.labels,
+                    dropout=task.head_dropout, metric=task.metric or DEFAULT_METRIC[task.type])
+
+
+def class_weights(data: TaskData) -> torch.Tensor | None:
+    """Inverse label frequency, scaled to mean 1 (multilabel: negatives / positives per label)."""
+    if not data.task.class_weights or data.labels is None:
+        return None
+    if data.task.type == "multilabel":
+        pos = label_tensor(data.train, "multilabel", data.labels).sum(0).clamp(min=1)
+        return (len(data.train) - pos) / pos
+    counts = Counter(ex.label for ex in data.train)
+    w = torch.tensor([len(data.train) / (len(data.labels) * max(counts.get(lb, 0), 1)) for lb in data.labels])
+    return w / w.mean()
+
+
+def task_metrics(spec: HeadSpec, scores: np.ndarray, data_examples, thresholds: np.ndarray | None = None
+                 ) -> dict[str, float]:
+    """The selection metrics (the full report is ``sora evaluate``'s job)."""
+    if spec.type == "regression":
+        y = np.array([ex.label for ex in data_examples], dtype=float)
+        return {"pearson": float(pearsonr(scores, y)[0]), "spearman": float(spearmanr(scores, y)[0]),
+                "mse": float(np.mean((scores - y) ** 2))}
+    labels = spec.labels or []
+    if spec.type == "multilabel":
+        y = label_tensor(data_examples, "multilabel", labels).numpy()
+        pred = scores >= (thresholds if thresholds is not None else 0.5)
+        return {"micro_f1": float(f1_score(y, pred, average="micro", zero_division=0)),
+                "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0))}
+    y = [labels.index(ex.label) for ex in data_examples]
+    pred = scores.argmax(1)
+    return {"accuracy": float(accuracy_score(y, pred)),
+            "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+            "mcc": float(matthews_corrcoef(y, pred))}
+
+
+def layer_lr_scale(model: SoraModel, decay: float, head_multiplier: float):
+    """lr × decay^(depth below the top layer) for encoder layers; embeddings count as the lowest layer."""
+    n = len(model.encoder.layers)
+
+    def scale(name: str) -> float:
+        if ".heads." in name:
+            return head_multiplier
+        if ".encoder.layers." in name:
+            i = int(name.split(".encoder.layers.")[1].split(".")[0])
+            return decay ** (n - 1 - i)
+        if ".encoder.embeddings." in name:
+            return decay ** n
+        return 1.0
+
+    return scale
+
+
+class Selector:
+    """Validation metric at each evaluation; keeps the best weights; asks to stop when patience runs out."""
+
+    def __init__(self, model: SoraModel, tokenizer: SoraTokenizer, tasks: list[tuple[str, TaskData]],
+                 max_length: int, batch_size: int, patience: int):
+        self.tasks, self.patience = tasks, patience
+        self.encoded = {name: encode_examples(d.validation, d.pair, d.task.pair_mode, tokenizer, max_length)
+                        for name, d in tasks}
+        self.tokenizer, self.batch_size = tokenizer, batch_size
+        self.best: float | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_metrics: dict[str, float] = {}
+        self.bad = 0
+
+    def __call__(self, model: SoraModel) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        primary = []
+        for name, data in self.tasks:
+            spec = model.head_specs[name]
+            s = predict_scores(model, self.tokenizer, name, self.encoded[name], self.batch_size)
+            m = task_metrics(spec, s, data.validation)
+            primary.append(m[spec.metric])
+            metrics.update({f"val_{name}_{k}" if len(self.tasks) > 1 else f"val_{k}": v for k, v in m.items()})
+        score = float(np.mean(primary))
+        if self.best is None or score > self.best:
+            self.best, self.bad, self.best_metrics = score, 0, dict(metrics)
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.bad += 1
+        return metrics
+
+    def on_step(self, state: TrainState, model: SoraModel) -> None:
+        if self.patience and self.bad >= self.patience:
+            state.stop = True
+
+
+def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]:
+    dist = setup(recipe.train.device)
+    out = Path(recipe.output)
+    fcfg, d = recipe.finetune, recipe.data
+    try:
+        tasks = [(t.name, load_task(t, fcfg.seed)) for t in recipe.tasks]
+        if len({n for n, _ in tasks}) != len(tasks):
+            raise ConfigError("task names must be unique")
+        torch.manual_seed(fcfg.seed)
+        model, tokenizer, _ = init_model(fcfg.init, recipe)
+        for name, data in tasks:
+            add_head(model, name, head_spec(data.task, data))
+        multi = len(tasks) > 1
+        objectives: dict[str, tuple[float, torch.nn.Module]] = {
+            name: (data.task.weight, TaskLoss(name, data.task.type, class_weights(data), f"{name}/" if multi else ""))
+            for name, data in tasks}
+        if fcfg.aux_denoise_weight > 0:
+            if model.decoder is None:
+                raise ConfigError("aux_denoise_weight > 0 needs a model with a decoder")
+            objectives["denoise"] = (fcfg.aux_denoise_weight, build_objective(recipe.objectives[0], prefix="aux_"))
+
+        encoded = {name: encode_examples(data.train, data.pair, data.task.pair_mode, tokenizer, d.max_length)
+                   for name, data in tasks}
+        targets = {name: label_tensor(data.train, data.task.type, data.labels) for name, data in tasks}
+        per_epoch = max(math.ceil(len(data.train) / d.batch_size) for _, data in tasks)
+        per_epoch = max(1, per_epoch // dist.world_size)
+        max_steps = fcfg.max_steps or max(1, math.ceil(fcfg.epochs * per_epoch))
+        train_cfg = recipe.train.model_copy(update=dict(
+            max_steps=max_steps,
+            warmup_steps=recipe.train.warmup_steps or int(fcfg.warmup_ratio * max_steps),
+            eval_every=recipe.train.eval_every or max(per_epoch, math.ceil(max_steps / fcfg.max_evaluations)),
+            save_every=recipe.train.save_every or max_steps, seed=fcfg.seed))
+        unlabeled = _unlabeled_stream(fcfg.unlabeled, [ex.text for _, data in tasks for ex in data.train],
+                                      tokenizer, d, fcfg.seed) if fcfg.aux_denoise_weight > 0 else None
+
+        def batches(epoch: int):
+            from sora.data.tasks import task_batches
+
+            streams = [task_batches(encoded[n], targets[n], d.batch_size, tokenizer.pad_id, seed=fcfg.seed,
+                                    epoch=epoch, prefix=f"{n}/" if multi else "") for n, _ in tasks]
+            # Every step carries one batch of each task (smaller tasks cycle) and, with α > 0, unlabeled text.
+            longest = max(range(len(tasks)), key=lambda i: len(encoded[tasks[i][0]]))
+            cycled = [s if i == longest else itertools.cycle(list(s)) for i, s in enumerate(streams)]
+            for i, parts in enumerate(zip(*cycled, strict=False)):
+                if i % dist.world_size != dist.rank:
+                    continue
+                batch = {k: v for part in parts for k, v in part.items()}
+                if unlabeled is not None:
+                    batch.update({"aux_" + k: v for k, v in next(unlabeled).items()})
+                yield batch
+
+        selector = Selector(model, tokenizer, [(n, t) for n, t in tasks if t.validation], d.max_length,
+                            d.batch_size * 4, fcfg.patience)
+        if not selector.tasks:
+            raise ConfigError("fine-tuning needs a validation split for model selection (tasks[].validation)")
+        unfreeze = _gradual_unfreeze(model, per_epoch) if fcfg.gradual_unfreeze else None
+        if unfreeze and dist.enabled:
+            raise ConfigError("gradual_unfreeze is not supported with several processes")
+
+        def on_step(state: TrainState, m: SoraModel) -> None:
+            selector.on_step(state, m)
+            if unfreeze:
+                unfreeze(state)
+
+        info = {"recipe": recipe.model_dump(), "kind": "finetune"}
+        state = fit(model, tokenizer, objectives, batches, train_cfg, out, dist, info=info, resume=resume,
+                    lr_scale=layer_lr_scale(model, fcfg.layer_lr_decay, fcfg.head_lr_multiplier),
+                    evaluate=selector, on_step=on_step)
+        summary: dict[str, Any] = {"output": str(out), "steps": state.step, "elapsed_s": round(state.elapsed_s, 1)}
+        if dist.is_main:
+            if selector.best_state is not None:
+                model.load_state_dict(selector.best_state)
+            _tune_thresholds(model, tokenizer, selector, d.max_length)
+            info["metadata"] = {"validation": selector.best_metrics, "train_examples": {
+                n: len(t.train) for n, t in tasks}, "steps": state.step}
+            save_checkpoint(out / "model", model, tokenizer, info)
+            summary["validation"] = selector.best_metrics
+        return summary
+    finally:
+        teardown()
+
+
+def _tune_thresholds(model: SoraModel, tokenizer: SoraTokenizer, selector: Selector, max_length: int) -> None:
+    """Multilabel heads: per-label thresholds that maximise F1 on validation."""
+    for name, data in selector.tasks:
+        spec = model.head_specs[name]
+        if spec.type != "multilabel":
+            continue
+        s = predict_scores(model, tokenizer, name, selector.encoded[name])
+        y = label_tensor(data.validation, "multilabel", spec.labels).numpy()
+        grid = np.linspace(0.05, 0.95, 19)
+        best = [max(grid, key=lambda t, j=j: f1_score(y[:, j], s[:, j] >= t, zero_division=0))
+                for j in range(y.shape[1])]
+        spec.thresholds = [float(t) for t in best]
+
+
+def _gradual_unfreeze(model: SoraModel, per_epoch: int):
+    """Freeze the encoder; unfreeze one layer from the top per epoch, the embeddings last (ULMFiT)."""
+    groups = [model.encoder.layers[i] for i in reversed(range(len(model.encoder.layers)))]
+    groups.append(model.encoder.embeddings)
+    for p in model.encoder.parameters():
+        p.requires_grad_(False)
+    if model.encoder.final_norm is not None:
+        model.encoder.final_norm.requires_grad_(True)
+
+    def step(state: TrainState) -> None:
+        k = state.step // per_epoch  # epochs completed
+        for group in groups[:k]:
+            group.requires_grad_(True)
+
+    return step
+
+
+def _unlabeled_stream(path: str | None, fallback: list[str], tokenizer: SoraTokenizer, d, seed: int):
+    """An endless stream of unlabeled batches for the auxiliary denoising loss."""
+    source = TextSource(path, d.column, d.format) if path else fallback
+
+    def forever():
+        for epoch in itertools.count():
+            yield from token_batches(source, tokenizer, d.batch_size, d.max_length, seed=seed + 1, epoch=epoch,
+                                     bucket_batches=d.bucket_batches)
+
+    return forever()
