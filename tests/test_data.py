@@ -239,7 +239,8 @@ def test_corrupt_parquet(tmp_path: Path):
 # --------------------------------------------------------------------------------------------- batching
 
 MAX = 256  # no truncation in these tests
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu",
+         "xi", "omicron", "pi", "rho", "sigma", "tau"]
 
 
 @pytest.fixture(scope="module")
@@ -254,13 +255,14 @@ def tok(corpus):
     return train_tokenizer(corpus, vocab_size=1000, min_frequency=1)
 
 
-def _rows(batches) -> list[tuple[int, ...]]:
-    return [tuple(ids[m].tolist()) for b in batches for ids, m in zip(b["input_ids"], b["attention_mask"])]
-
-
 def _batch_key(batches) -> list[list[tuple[int, ...]]]:
     """Each batch as its unpadded rows."""
-    return [[tuple(ids[m].tolist()) for ids, m in zip(b["input_ids"], b["attention_mask"])] for b in batches]
+    return [[tuple(ids[m].tolist()) for ids, m in zip(b["input_ids"], b["attention_mask"], strict=True)]
+            for b in batches]
+
+
+def _rows(batches) -> list[tuple[int, ...]]:
+    return [row for batch in _batch_key(batches) for row in batch]
 
 
 def test_every_text_once_per_epoch(corpus, tok):

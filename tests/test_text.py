@@ -166,7 +166,7 @@ def _batch(n_rows: int = 400, min_len: int = 1, max_len: int = 30, seed: int = 0
 
 
 def _unpadded(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
-    return [r[m].tolist() for r, m in zip(ids, mask)]
+    return [r[m].tolist() for r, m in zip(ids, mask, strict=True)]
 
 
 def _check_shape(ids, mask):
@@ -191,7 +191,7 @@ def test_delete():
     out, out_mask = NOISE["delete"](ids, mask, 0.6, SPECIALS, MASK)
     _check_shape(out, out_mask)
     kept = removed = 0
-    for before, after in zip(rows, _unpadded(out, out_mask)):
+    for before, after in zip(rows, _unpadded(out, out_mask), strict=True):
         assert after[0] == CLS and after[-1] == SEP
         assert CLS not in after[1:] and SEP not in after[:-1]
         assert len(after) >= 3  # at least one content token survives
@@ -207,7 +207,7 @@ def test_delete_never_empties_a_row():
     torch.manual_seed(1)
     out, out_mask = NOISE["delete"](ids, mask, 0.99, SPECIALS, MASK)
     _check_shape(out, out_mask)
-    for before, after in zip(rows, _unpadded(out, out_mask)):
+    for before, after in zip(rows, _unpadded(out, out_mask), strict=True):
         assert after[0] == CLS and after[-1] == SEP and len(after) >= 3
         assert _is_subsequence(after, before)
     assert (out_mask.sum(1) == 3).float().mean() > 0.9  # almost everything went
@@ -245,11 +245,11 @@ def test_span():
     _check_shape(out, out_mask)
     after_rows = _unpadded(out, out_mask)
     assert (out == MASK).any()
-    for before, after in zip(rows, after_rows):
+    for before, after in zip(rows, after_rows, strict=True):
         assert len(after) <= len(before)
         assert after[0] == CLS and after[-1] == SEP
         assert after.count(CLS) == 1 and after.count(SEP) == 1
-        assert not any(a == b == MASK for a, b in zip(after, after[1:]))  # one [MASK] per span
+        assert not any(a == b == MASK for a, b in zip(after, after[1:], strict=False))  # one [MASK] per span
         assert _is_subsequence([t for t in after if t != MASK], before)
     total_before = sum(len(r) for r in rows)
     total_after = sum(len(r) for r in after_rows)
@@ -266,7 +266,7 @@ def test_shuffle_moves_tokens_locally():
     assert torch.equal(out_mask, mask)
     assert (out[~mask] == PAD).all()
     moved = 0
-    for before, after in zip(rows, _unpadded(out, out_mask)):
+    for before, after in zip(rows, _unpadded(out, out_mask), strict=True):
         assert sorted(after) == sorted(before)
         assert after[0] == CLS and after[-1] == SEP
         for pos, token in enumerate(after):

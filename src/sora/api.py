@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from sora.data.batching import collate
+from sora.errors import SoraError
 from sora.models.autoencoder import SoraModel
 from sora.models.checkpoint import load_checkpoint, resolve_checkpoint
 from sora.text.tokenizer import SoraTokenizer
@@ -56,6 +57,32 @@ class Sora:
                 bar.update(len(idx))
         return out
 
+    def predict(self, texts: Sequence[str] | Sequence[tuple[str, str]], task: str | None = None,
+                batch_size: int = 64) -> list[dict[str, Any]]:
+        """Predictions of one task head (or of every head when ``task`` is None) for texts or (a, b) pairs.
+
+        Each row maps task → {"label", "score", "scores"} (classification), {"labels", "scores"}
+        (multilabel) or {"value"} (regression).
+        """
+        from sora.data.tasks import Example, encode_examples
+
+        names = [task] if task else list(self.model.head_specs)
+        if not names:
+            raise SoraError(f"{self.path}: this checkpoint has no task heads (fine-tune it first)")
+        rows: list[dict[str, Any]] = [{} for _ in texts]
+        for name in names:
+            if name not in self.model.head_specs:
+                raise SoraError(f"no task {name!r} in this checkpoint (tasks: {', '.join(self.model.head_specs)})")
+            spec = self.model.head_specs[name]
+            examples = [Example(t[0], None, t[1]) if spec.pair else Example(t, None) for t in texts]
+            if spec.pair and not all(isinstance(t, tuple | list) and len(t) == 2 for t in texts):
+                raise SoraError(f"task {name!r} takes pairs of texts: pass (text_a, text_b) tuples")
+            enc = encode_examples(examples, spec.pair, spec.pair_mode, self.tokenizer, self.max_length)
+            s = predict_scores(self.model, self.tokenizer, name, enc, batch_size)
+            for i, row in enumerate(rows):
+                row[name] = _prediction(spec, s[i])
+        return rows
+
     def info(self) -> dict[str, Any]:
         cfg = self.model.cfg
         return {
@@ -66,9 +93,22 @@ class Sora:
             "vocab_size": cfg.vocab_size,
             "dim": cfg.dim, "layers": cfg.layers, "heads": cfg.heads,
             "decoder_layers": cfg.decoder_layers, "pooling": cfg.pooling, "code_dim": self.dim,
-            "heads_tasks": list(self.model.heads.keys()),
+            "tasks": {n: {"type": s.type, "labels": s.labels, "pair": s.pair}
+                      for n, s in self.model.head_specs.items()},
             "metadata": self.config.get("metadata", {}),
         }
+
+
+def _prediction(spec, s: np.ndarray) -> dict[str, Any]:
+    if spec.type == "regression":
+        return {"value": float(s)}
+    labels = spec.labels or []
+    scores = {lb: round(float(p), 6) for lb, p in zip(labels, s, strict=True)}
+    if spec.type == "multilabel":
+        th = spec.thresholds or [0.5] * len(labels)
+        return {"labels": [lb for lb, p, t in zip(labels, s, th, strict=True) if p >= t], "scores": scores}
+    best = int(np.argmax(s))
+    return {"label": labels[best], "score": float(s[best]), "scores": scores}
 
 
 def load(path: str | Path, device: str = "cpu") -> Sora:

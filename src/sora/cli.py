@@ -69,6 +69,111 @@ def pretrain(
 
 
 @app.command()
+def finetune(
+    recipe: Annotated[Path | None, typer.Argument(help="YAML recipe; flags override it")] = None,
+    init: Annotated[str | None, typer.Option(help="Sora checkpoint, or a local HF encoder / all-MiniLM-L6-v2")] = None,
+    data: Annotated[str | None, typer.Option(help="task data: a dir with train/validation/test, or a file")] = None,
+    validation: Annotated[str | None, typer.Option(help="validation file (model selection)")] = None,
+    test: Annotated[str | None, typer.Option(help="test file (for sora evaluate)")] = None,
+    task_type: Annotated[str | None, typer.Option(help="classification|pair|multilabel|regression")] = None,
+    text_column: Annotated[str | None, typer.Option()] = None,
+    label_column: Annotated[str | None, typer.Option()] = None,
+    labels_per_class: Annotated[int | None, typer.Option(help="few-label regime: N per class")] = None,
+    class_weights: Annotated[bool | None, typer.Option("--class-weights/--no-class-weights")] = None,
+    epochs: Annotated[float | None, typer.Option()] = None,
+    lr: Annotated[float | None, typer.Option()] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    max_length: Annotated[int | None, typer.Option()] = None,
+    aux_weight: Annotated[float | None, typer.Option(help="α of continued denoising on unlabeled text")] = None,
+    unlabeled: Annotated[str | None, typer.Option(help="unlabeled text for the auxiliary loss")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="run directory")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    device: Annotated[str | None, typer.Option(help="auto|cpu|cuda")] = None,
+    resume: Annotated[bool, typer.Option(help="continue from the run's last checkpoint")] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="any recipe key, e.g. finetune.patience=5")] = None,
+) -> None:
+    """Fine-tune task heads (and the encoder) on labeled data; keeps the best validation checkpoint."""
+    from sora.config import load_finetune_recipe
+    from sora.train.finetune import run_finetune
+
+    overrides = _overrides(
+        set_, **{"finetune.init": init, "tasks.0.data": data, "tasks.0.validation": validation, "tasks.0.test": test,
+                 "tasks.0.type": task_type, "tasks.0.text_column": text_column,
+                 "tasks.0.label_column": label_column, "tasks.0.labels_per_class": labels_per_class,
+                 "tasks.0.class_weights": class_weights, "finetune.epochs": epochs, "train.lr": lr,
+                 "data.batch_size": batch_size, "data.max_length": max_length,
+                 "finetune.aux_denoise_weight": aux_weight, "finetune.unlabeled": unlabeled, "output": output,
+                 "finetune.seed": seed, "train.device": device, "train.progress": None if progress else False})
+    summary = run_finetune(load_finetune_recipe(recipe, overrides), resume=resume)
+    best = summary.get("validation") or {}
+    typer.echo("best validation: " + ", ".join(f"{k} {v:.4f}" for k, v in best.items()))
+    typer.echo(f"model: {summary['output']}/model  ({summary['steps']} steps, {summary['elapsed_s']} s)")
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[str, typer.Argument(help="fine-tuned checkpoint or run directory")],
+    data: Annotated[str | None, typer.Option(help="labeled data (default: the task's test split)")] = None,
+    split: Annotated[str, typer.Option(help="split to read when --data is a directory")] = "test",
+    task: Annotated[str | None, typer.Option(help="task head (when there are several)")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="report folder")] = None,
+    device: Annotated[str, typer.Option()] = "cpu",
+) -> None:
+    """Metrics, a Markdown report and plots (confusion matrix, curves, reliability) for one task."""
+    import sora
+    from sora.evaluate.run import evaluate_checkpoint
+
+    result = evaluate_checkpoint(sora.load(checkpoint, device=device), data, split, task, output)
+    m = result["metrics"]
+    headline = [k for k in ("accuracy", "macro_f1", "micro_f1", "mcc", "roc_auc", "ece", "pearson", "spearman")
+                if isinstance(m.get(k), int | float)]
+    typer.echo(f"{result['task']} on {result['data']} ({m.get('n')} examples): "
+               + ", ".join(f"{k} {m[k]:.4f}" for k in headline))
+    typer.echo(f"report: {result['files'].get('report')}")
+
+
+@app.command()
+def predict(
+    checkpoint: Annotated[str, typer.Argument(help="fine-tuned checkpoint or run directory")],
+    input: Annotated[str, typer.Argument(help="texts: JSONL/CSV/TSV/TXT/Parquet")],
+    output: Annotated[Path, typer.Option("--output", "-o", help=".jsonl or .csv")],
+    task: Annotated[str | None, typer.Option(help="one task head (default: all)")] = None,
+    text_column: Annotated[str, typer.Option()] = "text",
+    text_b_column: Annotated[str, typer.Option(help="second text of pair tasks")] = "text_b",
+    batch_size: Annotated[int, typer.Option()] = 64,
+    device: Annotated[str, typer.Option()] = "cpu",
+) -> None:
+    """Batch predictions with scores, written as JSONL or CSV."""
+    import csv
+
+    import sora
+    from sora.data.readers import read_records
+
+    suffix = output.suffix.lower()
+    if suffix not in (".jsonl", ".csv"):
+        raise SoraError(f"--output {output}: use a .jsonl or .csv file")
+    model = sora.load(checkpoint, device=device)
+    pair = any(s.pair for n, s in model.model.head_specs.items() if task in (None, n))
+    records = [r for _, r in read_records(input, columns=[text_column, text_b_column] if pair else [text_column])]
+    inputs = [(r[text_column], r[text_b_column]) if pair else r[text_column] for r in records]
+    preds = model.predict(inputs, task=task, batch_size=batch_size)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".jsonl":
+        with output.open("w", encoding="utf-8") as fh:
+            for r, p in zip(records, preds, strict=True):
+                fh.write(json.dumps({**r, "predictions": p}, ensure_ascii=False) + "\n")
+    else:
+        flat = [{**r, **{f"{t}.{k}": (json.dumps(v) if isinstance(v, dict | list) else v)
+                         for t, pr in p.items() for k, v in pr.items()}} for r, p in zip(records, preds, strict=True)]
+        with output.open("w", encoding="utf-8", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(flat[0]))
+            writer.writeheader()
+            writer.writerows(flat)
+    typer.echo(f"{len(preds)} predictions -> {output}")
+
+
+@app.command()
 def embed(
     checkpoint: Annotated[str, typer.Argument(help="checkpoint or run directory")],
     input: Annotated[str, typer.Argument(help="texts: JSONL/CSV/TSV/TXT/Parquet")],

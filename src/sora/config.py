@@ -103,15 +103,30 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys (``train.lr``) in a nested dict; values given as strings are parsed as YAML."""
+    """Set dotted keys (``train.lr``, ``tasks.0.data``) in nested dicts/lists; strings are parsed as YAML."""
     for key, value in overrides.items():
-        node = raw
         parts = key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part, {}), dict):
-                raise ConfigError(f"override {key!r}: {part!r} is not a section")
-            node = node.setdefault(part, {})
-        node[parts[-1]] = _parse_value(value) if isinstance(value, str) else value
+        node: Any = raw
+        for part, nxt in zip(parts[:-1], parts[1:], strict=True):
+            child = [] if nxt.isdigit() else {}
+            if isinstance(node, list):
+                idx = int(part)
+                while len(node) <= idx:
+                    node.append({})
+                node[idx] = node[idx] if isinstance(node[idx], type(child)) else child
+                node = node[idx]
+            else:
+                if part in node and not isinstance(node[part], list | dict):
+                    raise ConfigError(f"override {key!r}: {part!r} is not a section")
+                node = node.setdefault(part, child)
+        last = parts[-1]
+        value = _parse_value(value) if isinstance(value, str) else value
+        if isinstance(node, list):
+            while len(node) <= int(last):
+                node.append({})
+            node[int(last)] = value
+        else:
+            node[last] = value
     return raw
 
 
@@ -173,6 +188,7 @@ class FinetuneConfig(_Strict):
     init: str | None = None  # a Sora checkpoint / run dir, or a local HF encoder (e.g. all-MiniLM-L6-v2)
     layer_lr_decay: float = Field(1.0, gt=0, le=1.0)  # lr × decay^(depth from the top) per encoder layer
     head_lr_multiplier: float = Field(1.0, gt=0)
+    prototype_init: bool = True  # start classification heads as nearest-class-mean classifiers
     gradual_unfreeze: bool = False  # train the head first, then unfreeze one layer from the top per epoch
     epochs: float = Field(5.0, gt=0)
     max_steps: int | None = None  # overrides epochs

@@ -1,0 +1,72 @@
+"""``sora evaluate``: score a fine-tuned checkpoint on a labeled split and write the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sora.api import Sora, predict_scores
+from sora.config import TaskConfig
+from sora.data.tasks import check_known, encode_examples, label_tensor, read_examples
+from sora.errors import ConfigError
+from sora.evaluate.metrics import classification_metrics, multilabel_metrics, regression_metrics
+from sora.evaluate.report import write_report
+
+
+def task_config(model: Sora, name: str) -> TaskConfig:
+    """The task as it was declared for fine-tuning (columns, data), from the checkpoint's recipe."""
+    for raw in (model.config.get("recipe") or {}).get("tasks") or []:
+        if raw.get("name") == name:
+            return TaskConfig.model_validate(raw)
+    spec = model.model.head_specs[name]
+    return TaskConfig(name=name, type=spec.type, pair_mode=spec.pair_mode)
+
+
+def pick_task(model: Sora, task: str | None) -> str:
+    names = list(model.model.head_specs)
+    if not names:
+        raise ConfigError(f"{model.path}: this checkpoint has no task heads (fine-tune it first)")
+    if task is None:
+        if len(names) > 1:
+            raise ConfigError(f"this checkpoint has several tasks ({', '.join(names)}): choose one with --task")
+        return names[0]
+    if task not in names:
+        raise ConfigError(f"no task {task!r} in this checkpoint (tasks: {', '.join(names)})")
+    return task
+
+
+def evaluate_checkpoint(model: Sora, data: str | None = None, split: str = "test", task: str | None = None,
+                        out: str | Path | None = None, batch_size: int = 64) -> dict[str, Any]:
+    name = pick_task(model, task)
+    cfg = task_config(model, name)
+    spec = model.model.head_specs[name]
+    source = data or cfg.test or cfg.data
+    if source is None:
+        raise ConfigError("no evaluation data: pass --data PATH")
+    if source == cfg.test and data is None:
+        split = "test"
+    examples, _ = read_examples(source, cfg, split, pair=spec.pair)
+    check_known(examples, spec.labels, str(source))
+    encoded = encode_examples(examples, spec.pair, spec.pair_mode, model.tokenizer, model.max_length)
+    scores = predict_scores(model.model, model.tokenizer, name, encoded, batch_size)
+    probs = y_idx = None
+    if spec.type == "regression":
+        metrics = regression_metrics([ex.label for ex in examples], scores.tolist())
+    elif spec.type == "multilabel":
+        y = label_tensor(examples, "multilabel", spec.labels).numpy()
+        metrics = multilabel_metrics(y, scores, np.array(spec.thresholds or 0.5), spec.labels)
+    else:
+        labels = spec.labels or []
+        y_true = [ex.label for ex in examples]
+        metrics = classification_metrics(y_true, [labels[i] for i in scores.argmax(1)], scores, labels)
+        probs, y_idx = scores, np.array([labels.index(t) for t in y_true])
+    kind = "classification" if spec.type == "pair" else spec.type
+    out_dir = Path(out) if out else model.path.parent / f"eval-{name}-{split}"
+    run_dir = model.path.parent if model.path.name == "model" else model.path.parent.parent
+    log = run_dir / "train_log.jsonl"
+    files = write_report(out_dir, metrics, name, kind, log if log.is_file() else None, probs, y_idx,
+                         spec.labels)
+    return {"task": name, "data": str(source), "split": split, "metrics": metrics,
+            "files": {k: str(v) for k, v in files.items()}}
