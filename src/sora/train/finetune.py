@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +138,10 @@ class Selector:
     """Validation metric at each evaluation; keeps the best weights; asks to stop when patience runs out."""
 
     def __init__(self, model: SoraModel, tokenizer: SoraTokenizer, tasks: list[tuple[str, TaskData]],
-                 max_length: int, batch_size: int, patience: int):
-        self.tasks, self.patience = tasks, patience
+                 max_length: int, batch_size: int, patience: int,
+                 report: Callable[[int, float], None] | None = None):
+        self.tasks, self.patience, self.report = tasks, patience, report
+        self.evaluations = 0
         self.encoded = {name: encode_examples(d.validation, d.pair, d.task.pair_mode, tokenizer, max_length)
                         for name, d in tasks}
         self.tokenizer, self.batch_size = tokenizer, batch_size
@@ -157,6 +160,9 @@ class Selector:
             primary.append(m[spec.metric])
             metrics.update({f"val_{name}_{k}" if len(self.tasks) > 1 else f"val_{k}": v for k, v in m.items()})
         score = float(np.mean(primary))
+        self.evaluations += 1
+        if self.report is not None:  # e.g. a tuner that prunes bad trials by raising
+            self.report(self.evaluations, score)
         if self.best is None or score > self.best:
             self.best, self.bad, self.best_metrics = score, 0, dict(metrics)
             self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -169,7 +175,10 @@ class Selector:
             state.stop = True
 
 
-def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]:
+def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
+                 report: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Fine-tune per ``recipe``. ``report(evaluation, score)`` is called after each validation; an exception
+    it raises (a pruned trial) propagates out."""
     dist = setup(recipe.train.device)
     out = Path(recipe.output)
     fcfg, d = recipe.finetune, recipe.data
@@ -223,7 +232,7 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False) -> dict[str, Any]
                 yield batch
 
         selector = Selector(model, tokenizer, [(n, t) for n, t in tasks if t.validation], d.max_length,
-                            d.batch_size * 4, fcfg.patience)
+                            d.batch_size * 4, fcfg.patience, report)
         if not selector.tasks:
             raise ConfigError("fine-tuning needs a validation split for model selection (tasks[].validation)")
         unfreeze = _gradual_unfreeze(model, per_epoch) if fcfg.gradual_unfreeze else None
