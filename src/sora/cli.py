@@ -174,6 +174,54 @@ def predict(
 
 
 @app.command()
+def tune(
+    recipe: Annotated[Path, typer.Argument(help="fine-tuning YAML recipe: the base of every trial")],
+    trials: Annotated[int, typer.Option(help="number of trials")] = 20,
+    timeout_min: Annotated[float | None, typer.Option("--timeout-min", help="start no new trial after M minutes")
+                           ] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="study folder (default: <output>-tune)")
+                      ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the TPE sampler")] = 13,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="any recipe key, e.g. data.batch_size=16")] = None,
+) -> None:
+    """Search lr, epochs, head dropout and the denoising weight (Optuna TPE), pruning bad trials early."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from sora.evaluate.tune import run_tune, trials_table
+
+    summary = run_tune(recipe, _overrides(set_), trials, timeout_min * 60 if timeout_min else None, output, seed,
+                       echo=typer.echo)
+    header, cells = trials_table(summary["trials"], list(summary["space"]), summary["metric"])
+    table = Table(*header, title=f"{summary['n_trials']} trials", title_justify="left")
+    best = summary["best"]
+    for row in cells:
+        table.add_row(*row, style="bold green" if row[0] == str(best["number"]) else None)
+    Console().print(table)
+    typer.echo(f"best: trial {best['number']}, validation {summary['metric']} {best['value']:.4f}")
+    typer.echo(f"recipe: {summary['files']['best_recipe']}  (sora finetune {summary['files']['best_recipe']})")
+
+
+@app.command("label-curve")
+def label_curve(
+    recipe: Annotated[Path, typer.Argument(help="fine-tuning YAML recipe; its first task is sampled and tested")],
+    sizes: Annotated[str, typer.Option(help="labelled examples per class, comma-separated; full: all")
+                     ] = "8,16,32,64,full",
+    seeds: Annotated[int, typer.Option(help="runs per size (different label samples)")] = 3,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="folder (default: <output>-label-curve)")
+                      ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="any recipe key, e.g. finetune.epochs=10")] = None,
+) -> None:
+    """Test score against labels per class (mean ± std over seeds): does labelling more pay off?"""
+    from sora.evaluate.curve import parse_sizes, run_label_curve
+
+    result = run_label_curve(recipe, _overrides(set_), parse_sizes(sizes), seeds, output, echo=typer.echo)
+    for s in result["summary"]:
+        typer.echo(f"{s['size']:>6} per class: test {result['metric']} {s['mean']:.4f} ± {s['std']:.4f} (n={s['n']})")
+    typer.echo(f"plot: {result['files']['plot']}  table: {result['files']['markdown']}")
+
+
+@app.command()
 def embed(
     checkpoint: Annotated[str, typer.Argument(help="checkpoint or run directory")],
     input: Annotated[str, typer.Argument(help="texts: JSONL/CSV/TSV/TXT/Parquet")],

@@ -180,6 +180,8 @@ class TaskConfig(_Strict):
     class_weights: bool = False  # inverse-frequency weights against imbalance
     head_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     weight: float = Field(1.0, gt=0)  # α_t when several tasks train together
+    contrastive_weight: float = Field(0.0, ge=0)  # + β · supervised contrastive loss on the codes (few labels)
+    temperature: float = Field(0.1, gt=0)
     metric: str | None = None  # model selection: default accuracy / micro_f1 / pearson by type
     label_separator: str = ","  # multilabel: labels given as "a,b" (or a JSON list)
 

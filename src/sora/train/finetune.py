@@ -194,7 +194,8 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
                 prototype_init(model, tokenizer, name, data, d.max_length)
         multi = len(tasks) > 1
         objectives: dict[str, tuple[float, torch.nn.Module]] = {
-            name: (data.task.weight, TaskLoss(name, data.task.type, class_weights(data), f"{name}/" if multi else ""))
+            name: (data.task.weight, TaskLoss(name, data.task.type, class_weights(data), f"{name}/" if multi else "",
+                                              data.task.contrastive_weight, data.task.temperature))
             for name, data in tasks}
         if fcfg.aux_denoise_weight > 0:
             if model.decoder is None:
