@@ -103,6 +103,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default="sst2,trec,ag_news")
     ap.add_argument("--minutes", type=float, default=15.0, help="pretraining budget per run (b, d)")
+    ap.add_argument("--scratch-steps", type=int, default=None, help="a step budget for (b) instead of minutes")
+    ap.add_argument("--adapt-steps", type=int, default=None, help="a step budget for (d) instead of minutes")
     ap.add_argument("--probe-train", type=int, default=5000, help="labeled examples for the probe")
     ap.add_argument("--max-test", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
@@ -113,6 +115,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     out_root = Path(args.out)
     results: dict = {"datasets": {}, "minutes_per_pretraining": args.minutes, "probe_train": args.probe_train,
+                     "scratch_steps": args.scratch_steps, "adapt_steps": args.adapt_steps,
                      "command": "python bench/probe.py " + " ".join(sys.argv[1:]),
                      "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                                 f"torch {torch.__version__}"}
@@ -131,14 +134,18 @@ def main() -> None:
         unlabeled.write_text("".join(t.replace("\n", " ") + "\n" for t in train_all[0]), encoding="utf-8")
 
         scratch = out_root / name / "scratch"
-        row["scratch"] = {"pretraining": pretrain("pretrain-scratch.yaml", scratch, unlabeled, args.minutes, {})}
+        budget_b = {"train.max_steps": args.scratch_steps} if args.scratch_steps else {"train.max_steps": 10**6}
+        budget_d = {"train.max_steps": args.adapt_steps} if args.adapt_steps else {"train.max_steps": 10**6}
+        minutes_b = None if args.scratch_steps else args.minutes
+        minutes_d = None if args.adapt_steps else args.minutes
+        row["scratch"] = {"pretraining": pretrain("pretrain-scratch.yaml", scratch, unlabeled, minutes_b, budget_b)}
         # (a): the same tokenizer and architecture as (b), with the weights as initialised.
         rnd = initial("pretrain-scratch.yaml", out_root / name / "random", {"tokenizer.path": str(scratch)})
         row["random"] = score(rnd, tr, va, te)
         row["scratch"].update(score(scratch, tr, va, te))
         row["minilm"] = score(initial("adapt-minilm.yaml", out_root / name / "minilm", {}), tr, va, te)
         adapted = out_root / name / "adapted"
-        row["adapted"] = {"pretraining": pretrain("adapt-minilm.yaml", adapted, unlabeled, args.minutes, {})}
+        row["adapted"] = {"pretraining": pretrain("adapt-minilm.yaml", adapted, unlabeled, minutes_d, budget_d)}
         row["adapted"].update(score(adapted, tr, va, te))
         row["seconds"] = round(time.time() - t0, 1)
         results["datasets"][name] = row
