@@ -39,21 +39,23 @@ class Sora:
             batch = collate([ids[i] for i in idx], self.tokenizer.pad_id)
             yield idx, {k: v.to(self.device) for k, v in batch.items()}
 
-    @torch.inference_mode()
     def embed(self, texts: Sequence[str], batch_size: int = 64, max_length: int | None = None,
               normalize: bool = False, progress: bool = False) -> np.ndarray:
         """Sentence vectors (n, dim) as float32, in the order of ``texts``."""
         if isinstance(texts, str):
             raise TypeError("embed() takes a list of texts, not one string")
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        if not len(texts):
-            return out
-        with tqdm(total=len(texts), disable=not progress, unit="text") as bar:
+        vec = self.codes(texts, batch_size, max_length, progress)
+        if normalize:
+            vec = torch.nn.functional.normalize(vec, dim=-1)
+        return vec.cpu().numpy()
+
+    def codes(self, texts: Sequence[str], batch_size: int = 64, max_length: int | None = None,
+              progress: bool = False) -> torch.Tensor:
+        """Sentence codes (n, dim) as a float tensor on the model's device; longest-first batches."""
+        out = torch.zeros(len(texts), self.dim, device=self.device)
+        with torch.inference_mode(), tqdm(total=len(texts), disable=not progress, unit="text") as bar:
             for idx, batch in self._batches(texts, batch_size, max_length or self.max_length):
-                vec = self.model.embed(batch["input_ids"], batch["attention_mask"]).float()
-                if normalize:
-                    vec = torch.nn.functional.normalize(vec, dim=-1)
-                out[idx] = vec.cpu().numpy()
+                out[idx] = self.model.embed(batch["input_ids"], batch["attention_mask"]).float()
                 bar.update(len(idx))
         return out
 
@@ -61,26 +63,39 @@ class Sora:
                 batch_size: int = 64) -> list[dict[str, Any]]:
         """Predictions of one task head (or of every head when ``task`` is None) for texts or (a, b) pairs.
 
-        Each row maps task → {"label", "score", "scores"} (classification), {"labels", "scores"}
-        (multilabel) or {"value"} (regression).
+        All single-text heads share one encoder pass. Each row maps task → {"label", "score", "scores"}
+        (classification), {"labels", "scores"} (multilabel) or {"value"} (regression).
         """
         from sora.data.tasks import Example, encode_examples
+        from sora.models.heads import scores as head_scores
 
         names = [task] if task else list(self.model.head_specs)
         if not names:
             raise SoraError(f"{self.path}: this checkpoint has no task heads (fine-tune it first)")
+        unknown = [n for n in names if n not in self.model.head_specs]
+        if unknown:
+            raise SoraError(f"no task {unknown[0]!r} in this checkpoint (tasks: {', '.join(self.model.head_specs)})")
+        specs = {n: self.model.head_specs[n] for n in names}
         rows: list[dict[str, Any]] = [{} for _ in texts]
-        for name in names:
-            if name not in self.model.head_specs:
-                raise SoraError(f"no task {name!r} in this checkpoint (tasks: {', '.join(self.model.head_specs)})")
-            spec = self.model.head_specs[name]
-            examples = [Example(t[0], None, t[1]) if spec.pair else Example(t, None) for t in texts]
-            if spec.pair and not all(isinstance(t, tuple | list) and len(t) == 2 for t in texts):
-                raise SoraError(f"task {name!r} takes pairs of texts: pass (text_a, text_b) tuples")
-            enc = encode_examples(examples, spec.pair, spec.pair_mode, self.tokenizer, self.max_length)
-            s = predict_scores(self.model, self.tokenizer, name, enc, batch_size)
-            for i, row in enumerate(rows):
-                row[name] = _prediction(spec, s[i])
+        single = [n for n, sp in specs.items() if not sp.pair]
+        pairs = [n for n, sp in specs.items() if sp.pair]
+        if pairs and not all(isinstance(t, tuple | list) and len(t) == 2 for t in texts):
+            raise SoraError(f"task {pairs[0]!r} takes pairs of texts: pass (text_a, text_b) tuples")
+        if single:
+            if any(not isinstance(t, str) for t in texts):
+                raise SoraError(f"task {single[0]!r} takes single texts, not pairs")
+            code = self.codes(list(texts), batch_size)
+            with torch.inference_mode():
+                for name in single:
+                    logits = self.model.heads[name](code)
+                    s = head_scores(specs[name], logits.squeeze(-1) if specs[name].type == "regression" else logits)
+                    for i, v in enumerate(s.float().cpu().numpy()):
+                        rows[i][name] = _prediction(specs[name], v)
+        for name in pairs:
+            examples = [Example(t[0], None, t[1]) for t in texts]
+            enc = encode_examples(examples, True, specs[name].pair_mode, self.tokenizer, self.max_length)
+            for i, v in enumerate(predict_scores(self.model, self.tokenizer, name, enc, batch_size)):
+                rows[i][name] = _prediction(specs[name], v)
         return rows
 
     def info(self) -> dict[str, Any]:

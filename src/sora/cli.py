@@ -185,6 +185,7 @@ def tune(
     set_: Annotated[list[str] | None, typer.Option("--set", help="any recipe key, e.g. data.batch_size=16")] = None,
 ) -> None:
     """Search lr, epochs, head dropout and the denoising weight (Optuna TPE), pruning bad trials early."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -193,11 +194,12 @@ def tune(
     summary = run_tune(recipe, _overrides(set_), trials, timeout_min * 60 if timeout_min else None, output, seed,
                        echo=typer.echo)
     header, cells = trials_table(summary["trials"], list(summary["space"]), summary["metric"])
-    table = Table(*header, title=f"{summary['n_trials']} trials", title_justify="left")
+    table = Table(*header, title=f"{summary['n_trials']} trials", title_justify="left", box=box.SIMPLE_HEAD)
     best = summary["best"]
     for row in cells:
         table.add_row(*row, style="bold green" if row[0] == str(best["number"]) else None)
-    Console().print(table)
+    console = Console()
+    (console if console.is_terminal else Console(width=120)).print(table)
     typer.echo(f"best: trial {best['number']}, validation {summary['metric']} {best['value']:.4f}")
     typer.echo(f"recipe: {summary['files']['best_recipe']}  (sora finetune {summary['files']['best_recipe']})")
 

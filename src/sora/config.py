@@ -45,6 +45,7 @@ class ModelConfig(_Strict):
     dim: int = 256
     layers: int = 4
     heads: int = 4
+    layer_heads: list[int] | None = None  # heads left in each encoder layer after pruning
     ffn_dim: int = 1024
     max_length: int = 512
     type_vocab_size: int = 0  # 2 for BERT-style backbones

@@ -36,10 +36,19 @@ class _TrialFailed(Exception):
 
 
 def raw_recipe(path: str | Path | None, overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """The recipe as a plain dict (YAML plus overrides), validated: the base that trial parameters go on."""
+    """The recipe as a plain dict (YAML plus overrides), validated: the base that trial parameters go on.
+
+    A section the YAML leaves out is written in (before the overrides) with the values that differ from its class
+    defaults: ``FinetuneRecipe.train`` defaults to eval_every=0, warmup_steps=0, lr=5e-5, but a ``train:`` section
+    created by an override such as ``train.lr`` alone would start from ``TrainConfig``'s pretraining defaults
+    (200, 100, 5e-4).
+    """
     load_finetune_recipe(path, overrides)  # errors (missing file, bad YAML, bad key) name the problem
-    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path is not None else {}
-    return apply_overrides(raw or {}, copy.deepcopy(overrides or {}))
+    raw = (yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path is not None else None) or {}
+    for name, value in load_finetune_recipe(path):
+        if name not in raw and hasattr(value, "model_dump") and value.model_dump(exclude_defaults=True):
+            raw[name] = value.model_dump(mode="json", exclude_defaults=True)
+    return apply_overrides(raw, copy.deepcopy(overrides or {}))
 
 
 def has_decoder(recipe: FinetuneRecipe) -> bool:
@@ -141,15 +150,20 @@ def _fmt(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1e-2 and value != 0 else f"{value:.4f}"
+        return f"{value:.2e}" if abs(value) < 1e-2 and value != 0 else f"{value:.4f}"
     return str(value)
+
+
+SHORT = {"train.lr": "lr", "finetune.epochs": "epochs", "tasks.0.head_dropout": "dropout",
+         "finetune.aux_denoise_weight": "aux α"}
 
 
 def trials_table(rows: list[dict[str, Any]], keys: list[str], metric: str) -> tuple[list[str], list[list[str]]]:
     """Header and formatted cells (shared by trials.md and the CLI's table)."""
-    header = ["trial", "state", *[k.split(".")[-1] for k in keys], f"best val {metric}", "evals", "seconds"]
+    header = ["trial", "state", *[SHORT.get(k, k.split(".")[-1]) for k in keys], f"best val {metric}", "evals",
+              "seconds"]
     cells = [[str(r["number"]), r["state"], *[_fmt(r[k]) for k in keys], _fmt(r["best_validation"]),
-              str(r["evaluations"]), _fmt(r["seconds"])] for r in rows]
+              str(r["evaluations"]), "" if r["seconds"] is None else f"{r['seconds']:.1f}"] for r in rows]
     return header, cells
 
 
@@ -204,8 +218,6 @@ def run_tune(recipe_path: str | Path | None, overrides: dict[str, Any] | None = 
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, n // 3)) if n else 10)
     if pruner is None:  # prune from the second evaluation on, once a few trials have finished
         pruner = optuna.pruners.MedianPruner(n_startup_trials=min(5, max(2, n // 4)) if n else 5, n_warmup_steps=2)
-    study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner,
-                                study_name=f"sora-tune-{out.name}")
 
     def progress(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
         if echo is None:
@@ -222,6 +234,8 @@ def run_tune(recipe_path: str | Path | None, overrides: dict[str, Any] | None = 
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
+        study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner,
+                                    study_name=f"sora-tune-{out.name}")
         study.optimize(objective, n_trials=trials, timeout=timeout, catch=(_TrialFailed,), callbacks=[progress],
                        gc_after_trial=True)
     finally:

@@ -20,7 +20,8 @@ class SoraModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg.vocab_size, cfg.dim, cfg.layers, cfg.heads, cfg.ffn_dim, cfg.max_length,
-                               cfg.type_vocab_size, cfg.dropout, cfg.norm, cfg.layer_norm_eps, cfg.pad_id)
+                               cfg.type_vocab_size, cfg.dropout, cfg.norm, cfg.layer_norm_eps, cfg.pad_id,
+                               cfg.layer_heads)
         code_dim = cfg.code_dim or cfg.dim
         self.to_code = nn.Linear(cfg.dim, code_dim) if cfg.code_dim else nn.Identity()
         self.decoder: Decoder | None = None

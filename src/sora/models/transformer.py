@@ -13,21 +13,25 @@ from torch import nn
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float, cross: bool = False):
+    def __init__(self, dim: int, heads: int, dropout: float, cross: bool = False, head_dim: int | None = None):
+        """``head_dim`` defaults to dim // heads; pruning keeps it and lowers ``heads`` (inner = heads × head_dim)."""
         super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
-        self.heads, self.dropout, self.cross = heads, dropout, cross
+        if head_dim is None:
+            if dim % heads:
+                raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+            head_dim = dim // heads
+        self.heads, self.head_dim, self.dropout, self.cross = heads, head_dim, dropout, cross
+        inner = heads * head_dim
         if cross:
-            self.q = nn.Linear(dim, dim)
-            self.kv = nn.Linear(dim, 2 * dim)
+            self.q = nn.Linear(dim, inner)
+            self.kv = nn.Linear(dim, 2 * inner)
         else:
-            self.qkv = nn.Linear(dim, 3 * dim)
-        self.out = nn.Linear(dim, dim)
+            self.qkv = nn.Linear(dim, 3 * inner)
+        self.out = nn.Linear(inner, dim)
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        return x.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        b, t, _ = x.shape
+        return x.view(b, t, self.heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, memory: torch.Tensor | None = None,
                 causal: bool = False) -> torch.Tensor:
@@ -60,10 +64,10 @@ class Block(nn.Module):
     """Self-attention, optional cross-attention, feed-forward; residuals with pre- or post-LayerNorm."""
 
     def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float, norm: str = "pre",
-                 cross: bool = False, eps: float = 1e-5):
+                 cross: bool = False, eps: float = 1e-5, head_dim: int | None = None):
         super().__init__()
         self.pre = norm == "pre"
-        self.attn = Attention(dim, heads, dropout)
+        self.attn = Attention(dim, heads, dropout, head_dim=head_dim)
         self.attn_norm = nn.LayerNorm(dim, eps=eps)
         self.cross = Attention(dim, heads, dropout, cross=True) if cross else None
         self.cross_norm = nn.LayerNorm(dim, eps=eps) if cross else None
@@ -107,11 +111,17 @@ class Embeddings(nn.Module):
 
 class Encoder(nn.Module):
     def __init__(self, vocab: int, dim: int, layers: int, heads: int, ffn_dim: int, max_length: int,
-                 type_vocab: int, dropout: float, norm: str, eps: float, pad_id: int):
+                 type_vocab: int, dropout: float, norm: str, eps: float, pad_id: int,
+                 layer_heads: list[int] | None = None):
+        """``layer_heads``: heads kept per layer after pruning (each of width dim // heads)."""
         super().__init__()
         post = norm == "post"
         self.embeddings = Embeddings(vocab, dim, max_length, type_vocab, dropout, post, eps, pad_id)
-        self.layers = nn.ModuleList(Block(dim, heads, ffn_dim, dropout, norm, eps=eps) for _ in range(layers))
+        counts = layer_heads or [heads] * layers
+        if len(counts) != layers:
+            raise ValueError(f"layer_heads has {len(counts)} entries for {layers} layers")
+        self.layers = nn.ModuleList(Block(dim, h, ffn_dim, dropout, norm, eps=eps, head_dim=dim // heads)
+                                    for h in counts)
         self.final_norm = None if post else nn.LayerNorm(dim, eps=eps)
 
     def forward(self, ids, mask, type_ids=None):
