@@ -203,14 +203,32 @@ class FinetuneConfig(_Strict):
     seed: int = 13
 
 
+# Fine-tuning defaults differ from pretraining ones; subclasses keep them when a recipe sets only some keys.
+class FinetuneData(DataConfig):
+    batch_size: int = Field(16, ge=1)
+
+
+class FinetuneModel(ModelConfig):  # used when fine-tuning starts from an HF encoder
+    code_dim: int | None = None
+    output_vocab: Literal["full", "batch"] = "batch"
+
+
+class FinetuneTrain(TrainConfig):
+    lr: float = 5e-5
+    warmup_steps: int = 0  # 0: finetune.warmup_ratio of the steps
+    eval_every: int = Field(0, ge=0)  # 0: once per epoch, at most finetune.max_evaluations times
+    save_every: int = Field(0, ge=0)
+    max_steps: int = Field(1, ge=1)  # set from finetune.epochs / finetune.max_steps
+
+
 class FinetuneRecipe(_Strict):
     output: str = "runs/finetune"
-    data: DataConfig = DataConfig(batch_size=16)
+    data: FinetuneData = FinetuneData()
     finetune: FinetuneConfig = FinetuneConfig()
     tasks: list[TaskConfig] = [TaskConfig()]
-    model: ModelConfig = ModelConfig(code_dim=None, decoder_layers=2, output_vocab="batch")  # used with HF init
+    model: FinetuneModel = FinetuneModel()
     objectives: list[ObjectiveConfig] = [ObjectiveConfig()]  # the auxiliary denoising objective
-    train: TrainConfig = TrainConfig(lr=5e-5, warmup_steps=0, eval_every=0, save_every=0, max_steps=1)
+    train: FinetuneTrain = FinetuneTrain()
 
 
 def load_finetune_recipe(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> FinetuneRecipe:

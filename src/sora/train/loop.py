@@ -228,7 +228,8 @@ def fit(
                     unit.train()
                 state.history.append({"step": state.step, **metrics})
                 log.write({"step": state.step, **metrics})
-                bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                if cfg.progress:
+                    bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if on_step is not None:
                 on_step(state, model)
             state.stop = any_true(state.stop, dist)  # early stopping is decided on rank 0
