@@ -2,7 +2,9 @@
 
 1. `sora pretrain` trains a tokenizer and a small denoising autoencoder from scratch (about a minute);
 2. `sora info` describes the checkpoint, `sora embed` writes the vectors;
-3. the Python API finds the nearest neighbours of a few queries.
+3. the Python API finds the nearest neighbours of a few queries;
+4. `sora finetune` trains a topic classifier on the labeled sample from that checkpoint,
+   `sora evaluate` writes its report and `sora predict` scores new texts.
 """
 
 from __future__ import annotations
@@ -59,6 +61,16 @@ def main() -> None:
     agree = np.mean([[labels[j] == labels[i] for j in row] for i, row in enumerate(nn)])
     chance = sum((labels.count(lb) / len(labels)) ** 2 for lb in set(labels))
     print(f"\nlabel agreement of 5 nearest neighbours: {agree:.2f} (chance {chance:.2f}); no labels were used")
+
+    clf = RUN.parent / "demo-classifier"
+    sora_cli("finetune", "--init", str(RUN.relative_to(ROOT)), "--data", "examples/sample", "-o",
+             str(clf.relative_to(ROOT)), "--epochs", "5", "--lr", "1e-3", "--batch-size", "16", "--no-progress")
+    sora_cli("evaluate", str(clf.relative_to(ROOT)))
+    sora_cli("predict", str(clf.relative_to(ROOT)), "examples/sample/test.jsonl", "-o",
+             str((clf / "predictions.jsonl").relative_to(ROOT)))
+    classifier = sora.load(clf)
+    for query, pred in zip(queries, classifier.predict(queries), strict=True):
+        print(f"  {pred['task']['label']:>15} ({pred['task']['score']:.2f})  {query}")
     print(f"demo finished in {time.time() - t0:.0f} s")
 
 

@@ -23,6 +23,7 @@ class Sora:
     def __init__(self, model: SoraModel, tokenizer: SoraTokenizer, config: dict[str, Any], path: Path,
                  device: torch.device):
         self.model, self.tokenizer, self.config, self.path, self.device = model, tokenizer, config, path, device
+        self.onnx = None  # sora.compress: an OnnxEncoder that codes() uses instead of the PyTorch encoder
         recipe = config.get("recipe") or {}
         self.max_length = int((recipe.get("data") or {}).get("max_length", 128))
 
@@ -55,7 +56,8 @@ class Sora:
         out = torch.zeros(len(texts), self.dim, device=self.device)
         with torch.inference_mode(), tqdm(total=len(texts), disable=not progress, unit="text") as bar:
             for idx, batch in self._batches(texts, batch_size, max_length or self.max_length):
-                out[idx] = self.model.embed(batch["input_ids"], batch["attention_mask"]).float()
+                encoder = self.model if self.onnx is None else self.onnx  # sora.compress backend hook
+                out[idx] = encoder.embed(batch["input_ids"], batch["attention_mask"]).float()
                 bar.update(len(idx))
         return out
 
@@ -69,6 +71,8 @@ class Sora:
         from sora.data.tasks import Example, encode_examples
         from sora.models.heads import scores as head_scores
 
+        if isinstance(texts, str):
+            raise TypeError("predict() takes a list of texts, not one string")
         names = [task] if task else list(self.model.head_specs)
         if not names:
             raise SoraError(f"{self.path}: this checkpoint has no task heads (fine-tune it first)")
@@ -126,11 +130,19 @@ def _prediction(spec, s: np.ndarray) -> dict[str, Any]:
     return {"label": labels[best], "score": float(s[best]), "scores": scores}
 
 
-def load(path: str | Path, device: str = "cpu") -> Sora:
+def load(path: str | Path, device: str = "cpu", backend: str | None = None) -> Sora:
+    """``backend``: None runs what the checkpoint says (see ``sora compress``), "torch" or "onnx"."""
     p = resolve_checkpoint(path)
     dev = torch.device(device)
     model, tokenizer, config = load_checkpoint(p, dev)
-    return Sora(model, tokenizer, config, p, dev)
+    onnx = None
+    if config.get("compression") or backend not in (None, "torch"):  # ---- sora.compress hook ----
+        from sora.compress.runtime import prepare
+
+        model, onnx = prepare(model, config, p, dev, backend)
+    loaded = Sora(model, tokenizer, config, p, dev)
+    loaded.onnx = onnx
+    return loaded
 
 
 @torch.inference_mode()

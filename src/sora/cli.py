@@ -1,4 +1,4 @@
-"""The command line: ``sora pretrain | embed | info``. Errors a user can fix print as one line."""
+"""The command line (``sora --help``). Errors a user can fix print as one line, exit code 2."""
 
 from __future__ import annotations
 
@@ -139,10 +139,12 @@ def predict(
     input: Annotated[str, typer.Argument(help="texts: JSONL/CSV/TSV/TXT/Parquet")],
     output: Annotated[Path, typer.Option("--output", "-o", help=".jsonl or .csv")],
     task: Annotated[str | None, typer.Option(help="one task head (default: all)")] = None,
-    text_column: Annotated[str, typer.Option()] = "text",
+    text_column: Annotated[str | None, typer.Option(help="default: text (text_a for pair tasks when present)")] = None,
     text_b_column: Annotated[str, typer.Option(help="second text of pair tasks")] = "text_b",
     batch_size: Annotated[int, typer.Option()] = 64,
     device: Annotated[str, typer.Option()] = "cpu",
+    url: Annotated[str | None, typer.Option(help="a `sora serve` URL to predict with (CHECKPOINT is then ignored; "
+                                                 "API key from $SORA_API_KEY)")] = None,
 ) -> None:
     """Batch predictions with scores, written as JSONL or CSV."""
     import csv
@@ -153,11 +155,22 @@ def predict(
     suffix = output.suffix.lower()
     if suffix not in (".jsonl", ".csv"):
         raise SoraError(f"--output {output}: use a .jsonl or .csv file")
-    model = sora.load(checkpoint, device=device)
-    pair = any(s.pair for n, s in model.model.head_specs.items() if task in (None, n))
+    if url:
+        import os
+
+        from sora.client import SoraClient
+
+        client = SoraClient(url, api_key=os.environ.get("SORA_API_KEY"), batch_size=batch_size)
+        pair = any(s["pair"] for n, s in client.models()["tasks"].items() if task in (None, n))
+    else:
+        model = sora.load(checkpoint, device=device)
+        pair = any(s.pair for n, s in model.model.head_specs.items() if task in (None, n))
+    if text_column is None:
+        first = next(read_records(input))[1]
+        text_column = "text_a" if pair and "text_a" in first and "text" not in first else "text"
     records = [r for _, r in read_records(input, columns=[text_column, text_b_column] if pair else [text_column])]
     inputs = [(r[text_column], r[text_b_column]) if pair else r[text_column] for r in records]
-    preds = model.predict(inputs, task=task, batch_size=batch_size)
+    preds = client.predict(inputs, tasks=task) if url else model.predict(inputs, task=task, batch_size=batch_size)
     output.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".jsonl":
         with output.open("w", encoding="utf-8") as fh:
@@ -221,6 +234,73 @@ def label_curve(
     for s in result["summary"]:
         typer.echo(f"{s['size']:>6} per class: test {result['metric']} {s['mean']:.4f} ± {s['std']:.4f} (n={s['n']})")
     typer.echo(f"plot: {result['files']['plot']}  table: {result['files']['markdown']}")
+
+
+@app.command()
+def serve(
+    checkpoint: Annotated[str, typer.Argument(help="checkpoint or run directory")],
+    host: Annotated[str, typer.Option(help="address to bind (loopback unless you say otherwise)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    workers: Annotated[int, typer.Option(help="worker processes (each loads the model and batches on its own)")
+                       ] = 1,
+    threads: Annotated[int | None, typer.Option(help="torch threads per worker (default: cores / workers)")] = None,
+    api_key_env: Annotated[str, typer.Option(help="env var holding the bearer API key; unset or empty: no auth")
+                           ] = "SORA_API_KEY",
+    max_batch_tokens: Annotated[int, typer.Option(help="padded tokens per forward pass")] = 8192,
+    max_wait_ms: Annotated[float, typer.Option(help="how long a request may wait for others to batch with")] = 5.0,
+    max_queue: Annotated[int, typer.Option(help="requests waiting for a forward pass before 429")] = 1024,
+    max_texts: Annotated[int, typer.Option(help="texts per request before 413")] = 256,
+    max_chars: Annotated[int, typer.Option(help="characters per text before 413")] = 5000,
+    backend: Annotated[str, typer.Option(help="torch|onnx")] = "torch",
+    device: Annotated[str, typer.Option()] = "cpu",
+    access_log: Annotated[bool, typer.Option(help="log every request")] = False,
+) -> None:
+    """Serve a checkpoint over HTTP (FastAPI): /v1/embed, /v1/predict, /v1/models, /healthz, /readyz, /metrics."""
+    from pydantic import ValidationError
+
+    from sora.errors import ConfigError
+    from sora.serve import ServeSettings, run
+
+    try:
+        settings = ServeSettings(checkpoint=checkpoint, host=host, port=port, workers=workers, threads=threads,
+                                 api_key_env=api_key_env or None, max_batch_tokens=max_batch_tokens,
+                                 max_wait_ms=max_wait_ms, max_queue=max_queue, max_texts=max_texts,
+                                 max_chars=max_chars, backend=backend, device=device, access_log=access_log)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+    run(settings)
+
+
+@app.command()
+def compress(
+    checkpoint: Annotated[str, typer.Argument(help="fine-tuned checkpoint or run directory")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="directory of the compressed checkpoint")],
+    method: Annotated[str, typer.Option(help="prune | int8 (PyTorch) | onnx | onnx-int8 (ONNX Runtime)")],
+    prune_heads: Annotated[float | None, typer.Option(help="fraction of attention heads to remove "
+                                                           "(default: 0.3 with --method prune, else 0)")] = None,
+    prune_layers: Annotated[int, typer.Option(help="encoder layers to remove")] = 0,
+    layer_order: Annotated[str, typer.Option(help="which layers go: importance (lowest) | top")] = "importance",
+    max_drop: Annotated[float, typer.Option(help="largest validation metric drop allowed, in points")] = 1.0,
+    warn_only: Annotated[bool, typer.Option(help="keep the model (with a warning) when it drops more")] = False,
+    data: Annotated[str | None, typer.Option(help="validation data (default: the task's, from the recipe)")] = None,
+    task: Annotated[str | None, typer.Option(help="task head to measure (default: all)")] = None,
+    max_examples: Annotated[int | None, typer.Option(help="validation examples at most (sampled)")] = None,
+    keep_decoder: Annotated[bool, typer.Option(help="keep the denoising decoder (to pretrain further)")] = False,
+) -> None:
+    """Prune, quantize or export a fine-tuned model, refusing it if validation accuracy drops too far."""
+    from sora.compress.core import compress as run_compress
+
+    r = run_compress(checkpoint, output, method, prune_heads=prune_heads, prune_layers=prune_layers,
+                     layer_order=layer_order, max_drop=max_drop, warn_only=warn_only, data=data, task=task,
+                     max_examples=max_examples, keep_decoder=keep_decoder)
+    if r.get("warning"):
+        typer.secho(f"warning: {r['warning']}", fg="yellow", err=True)
+    fmt = ", ".join(f"{k} {v:.4f}" for k, v in r["validation_after"].items())
+    typer.echo(f"{method}: validation {fmt} ({r['accuracy_drop_points']:+.2f} points lost), "
+               f"{r['size_mb_before']:.1f} -> {r['size_mb']:.1f} MB, {r['speedup']:.2f}x faster "
+               f"({r['latency_ms_per_text']:.2f} ms/text at batch 32)")
+    typer.echo(f"model: {r['output']}")
 
 
 @app.command()

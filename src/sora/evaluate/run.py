@@ -45,6 +45,9 @@ def evaluate_checkpoint(model: Sora, data: str | None = None, split: str = "test
     source = data or cfg.test or cfg.data
     if source is None:
         raise ConfigError("no evaluation data: pass --data PATH")
+    if data is None and cfg.test is None and Path(source).is_file():  # the training file itself: not a test set
+        raise ConfigError(f"no test split: the task was trained on the file {source} and has no tasks[].test; "
+                          "pass --data PATH")
     if source == cfg.test and data is None:
         split = "test"
     examples, _ = read_examples(source, cfg, split, pair=spec.pair)

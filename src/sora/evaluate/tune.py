@@ -130,7 +130,7 @@ class Objective:
         finally:
             if not self.keep_checkpoints:
                 shutil.rmtree(out / "checkpoints", ignore_errors=True)  # model/ (the best weights) stays
-        if not scores:  # a runner that never validated: fall back on its summary
+        if not scores:  # a runner that never validated (run_finetune always does at its last step)
             raise _TrialFailed(f"trial {trial.number}: no validation score was reported ({summary.get('output')})")
         return max(scores)
 
@@ -227,7 +227,7 @@ def run_tune(recipe_path: str | Path | None, overrides: dict[str, Any] | None = 
         score = f"{metric} {_fmt(row['best_validation'])}" if row["best_validation"] is not None else ""
         extra = f" ({row['error']})" if row["error"] else ""
         echo(f"trial {t.number}{'/' + str(trials) if trials else ''} {row['state']}: {params}  {score}  "
-             f"{_fmt(row['seconds'])} s{extra}")
+             f"{row['seconds'] or 0:.1f} s{extra}")
 
     objective = Objective(raw, space, out, runner, keep_checkpoints)
     started = time.perf_counter()
@@ -236,13 +236,21 @@ def run_tune(recipe_path: str | Path | None, overrides: dict[str, Any] | None = 
     try:
         study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner,
                                     study_name=f"sora-tune-{out.name}")
-        study.optimize(objective, n_trials=trials, timeout=timeout, catch=(_TrialFailed,), callbacks=[progress],
-                       gc_after_trial=True)
+        interrupted = False
+        try:
+            study.optimize(objective, n_trials=trials, timeout=timeout, catch=(_TrialFailed,),
+                           callbacks=[progress], gc_after_trial=True)
+        except KeyboardInterrupt:  # Ctrl-C ends the study; what finished is still written out
+            interrupted = True
+            if echo:
+                echo("interrupted: writing out the trials that finished")
     finally:
         optuna.logging.set_verbosity(verbosity)
     elapsed = time.perf_counter() - started
 
     all_trials = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED", "FAIL")]
+    if interrupted and all_trials and all_trials[-1].state.name == "FAIL" and "error" not in all_trials[-1].user_attrs:
+        all_trials = all_trials[:-1]  # the trial Ctrl-C cut short
     rows = [_trial_row(t, keys) for t in all_trials]
     states: dict[str, int] = {}
     for r in rows:
@@ -251,7 +259,7 @@ def run_tune(recipe_path: str | Path | None, overrides: dict[str, Any] | None = 
     summary: dict[str, Any] = {
         "recipe": str(recipe_path) if recipe_path else None, "output": str(out), "metric": metric,
         "direction": "maximize", "n_trials": len(rows), "states": states, "seed": seed,
-        "elapsed_s": round(elapsed, 1), "space": space,
+        "elapsed_s": round(elapsed, 1), "interrupted": interrupted, "space": space,
         "sampler": type(study.sampler).__name__, "pruner": type(study.pruner).__name__,
         "best": None, "trials": rows,
         "files": {k: str(out / f) for k, f in (("csv", "trials.csv"), ("markdown", "trials.md"),

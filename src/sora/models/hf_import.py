@@ -51,7 +51,7 @@ def hf_model_config(path: str | Path, base: ModelConfig) -> ModelConfig:
     if pool_cfg.is_file() and json.loads(pool_cfg.read_text()).get("pooling_mode_cls_token"):
         pooling = "cls"
     return base.model_copy(update=dict(
-        backbone=str(p),
+        backbone=str(path),  # as given ("all-MiniLM-L6-v2" stays portable), resolved again when used
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], layers=hf["num_hidden_layers"],
         heads=hf["num_attention_heads"], ffn_dim=hf["intermediate_size"],
         max_length=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 0),

@@ -160,6 +160,7 @@ class Selector:
             primary.append(m[spec.metric])
             metrics.update({f"val_{name}_{k}" if len(self.tasks) > 1 else f"val_{k}": v for k, v in m.items()})
         score = float(np.mean(primary))
+        score = score if math.isfinite(score) else float("-inf")  # e.g. pearson of constant predictions
         self.evaluations += 1
         if self.report is not None:  # e.g. a tuner that prunes bad trials by raising
             self.report(self.evaluations, score)

@@ -183,7 +183,7 @@ def fit(
                 (scaler.scale(loss) if scaler else loss).backward()
             for k, v in losses.items():
                 losses_acc[k] = losses_acc.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-            ntok = int(batch["attention_mask"].sum())
+            ntok = sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
             state.tokens += ntok * dist.world_size
             window_tokens += ntok * dist.world_size
             state.batches_in_epoch = i + 1

@@ -1,0 +1,177 @@
+"""The model behind the server: loading, token counting, and the batch runner the micro-batcher calls.
+
+Batch keys:
+- ``("text",)``: single texts. One ``Sora.codes`` pass for every job of the batch, embed and predict alike;
+  each predict job's heads are then applied to its rows of the codes (a head is one small linear layer), so
+  one encoder pass serves every requested single-text head of every request in the batch.
+- ``("pair", task)``: (a, b) pairs for one pair head, through ``Sora.predict(pairs, task=...)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Hashable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sora.errors import SoraError
+from sora.serve.batcher import Job
+
+TEXT = ("text",)
+
+
+def pair_key(task: str) -> tuple[str, str]:
+    return ("pair", task)
+
+
+def load_sora(checkpoint: str, backend: str = "torch", device: str = "cpu"):
+    """``sora.load``; ``backend="onnx"`` only where ``sora.api.load`` offers a ``backend`` argument."""
+    from sora import api
+
+    if backend == "torch":
+        return api.load(checkpoint, device=device)
+    if "backend" not in inspect.signature(api.load).parameters:
+        raise SoraError(f"--backend {backend}: this build of sora has no {backend} backend (use --backend torch)")
+    return api.load(checkpoint, device=device, backend=backend)
+
+
+def weights_version(path: Path) -> str:
+    """A short content hash of the checkpoint's weights and config: changes whenever the model does."""
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors", "model.onnx"):
+        f = path / name
+        if f.is_file():
+            with f.open("rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    h.update(chunk)
+    return "sha256:" + h.hexdigest()[:12]
+
+
+def format_prediction(spec, s: np.ndarray) -> dict[str, Any]:
+    """The same row format as ``Sora.predict``."""
+    if spec.type == "regression":
+        return {"value": float(s)}
+    labels = spec.labels or []
+    scores = {lb: round(float(p), 6) for lb, p in zip(labels, s, strict=True)}
+    if spec.type == "multilabel":
+        th = spec.thresholds or [0.5] * len(labels)
+        return {"labels": [lb for lb, p, t in zip(labels, s, th, strict=True) if p >= t], "scores": scores}
+    best = int(np.argmax(s))
+    return {"label": labels[best], "score": float(s[best]), "scores": scores}
+
+
+class Engine:
+    def __init__(self, sora, backend: str, max_batch_tokens: int):
+        from tokenizers import Tokenizer
+
+        self.sora, self.backend, self.max_batch_tokens = sora, backend, max_batch_tokens
+        self.path = Path(sora.path)
+        self.name = self.path.parent.name if self.path.name == "model" else self.path.name
+        self.config: dict[str, Any] = sora.config
+        self.metadata: dict[str, Any] = dict(self.config.get("metadata") or {})
+        self.version = str(self.metadata.get("version") or weights_version(self.path))
+        self.specs = dict(sora.model.head_specs)
+        self.single_tasks = [n for n, s in self.specs.items() if not s.pair]
+        self.pair_tasks = [n for n, s in self.specs.items() if s.pair]
+        self.max_length = int(sora.max_length)
+        # A private copy of the tokenizer for counting on the event loop: the model's own one is reconfigured
+        # (truncation) on every call from the inference thread, and must not be used from two threads at once.
+        self._counter = Tokenizer.from_str(sora.tokenizer.tk.to_str())
+        self._counter.no_padding()
+        self._counter.enable_truncation(self.max_length)
+
+    @classmethod
+    def load(cls, checkpoint: str, backend: str = "torch", device: str = "cpu",
+             max_batch_tokens: int = 8192) -> Engine:
+        return cls(load_sora(checkpoint, backend, device), backend, max_batch_tokens)
+
+    @property
+    def dim(self) -> int:
+        return int(self.sora.dim)
+
+    def count_tokens(self, items: list[Any]) -> int:
+        """Tokens of the longest text (or pair), truncated as the model will truncate it."""
+        if len(items) == 1:
+            return len(self._counter.encode(*items[0]) if isinstance(items[0], tuple) else
+                       self._counter.encode(items[0]))
+        return max(len(e) for e in self._counter.encode_batch(list(items)))
+
+    def card(self) -> dict[str, Any]:
+        compression = self.config.get("compression")
+        quant = None
+        if isinstance(compression, dict):
+            quant = compression.get("quantization") or compression.get("quantize")
+        quant = quant or self.metadata.get("quantization")
+        validation = self.metadata.get("validation") or {}
+        info = self.sora.info()
+        return {
+            "name": self.name, "version": self.version, "backend": self.backend,
+            "kind": str(self.config.get("kind", "unknown")), "backbone": str(info.get("backbone", "native")),
+            "dim": self.dim, "max_length": self.max_length, "parameters": int(info.get("parameters", 0)),
+            "tasks": {n: {"type": s.type, "pair": s.pair, "pair_mode": s.pair_mode, "labels": s.labels,
+                          "metric": s.metric} for n, s in self.specs.items()},
+            "quantization": str(quant) if quant else None,
+            "compression": compression if isinstance(compression, dict) else None,
+            "validation": {k: (float(v) if isinstance(v, int | float) and np.isfinite(v) else None)
+                           for k, v in validation.items() if isinstance(v, int | float) or v is None},
+            "metadata": self.metadata,
+        }
+
+    # ---- the batch runner (executor thread) ----------------------------------------------------------------
+
+    def _batch_size(self, jobs: list[Job]) -> int:
+        longest = max(j.tokens for j in jobs)
+        return max(1, self.max_batch_tokens // max(1, longest))
+
+    def run(self, key: Hashable, jobs: list[Job]) -> list[Any]:
+        if key == TEXT:
+            return self._run_texts(jobs)
+        if isinstance(key, tuple) and key[0] == "pair":
+            return self._run_pairs(key[1], jobs)
+        raise ValueError(f"unknown batch key {key!r}")
+
+    def _run_texts(self, jobs: list[Job]) -> list[Any]:
+        texts = [t for j in jobs for t in j.items]
+        codes = self.sora.codes(texts, batch_size=self._batch_size(jobs))
+        wanted = sorted({t for j in jobs if j.payload[0] == "predict" for t in j.payload[1]})
+        scores: dict[str, np.ndarray] = {}
+        if wanted:
+            from sora.models.heads import scores as head_scores
+
+            with torch.inference_mode():
+                for name in wanted:
+                    spec = self.specs[name]
+                    logits = self.sora.model.heads[name](codes)
+                    s = head_scores(spec, logits.squeeze(-1) if spec.type == "regression" else logits)
+                    scores[name] = s.float().cpu().numpy()
+        out: list[Any] = []
+        start = 0
+        for job in jobs:
+            rows = slice(start, start + job.size)
+            start += job.size
+            try:
+                if job.payload[0] == "embed":
+                    vec = codes[rows]
+                    if job.payload[1]:
+                        vec = torch.nn.functional.normalize(vec, dim=-1)
+                    out.append(vec.float().cpu().numpy().tolist())
+                else:
+                    tasks = job.payload[1]
+                    out.append([{t: format_prediction(self.specs[t], scores[t][i]) for t in tasks}
+                                for i in range(rows.start, rows.stop)])
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    def _run_pairs(self, task: str, jobs: list[Job]) -> list[Any]:
+        pairs = [tuple(p) for j in jobs for p in j.items]
+        rows = self.sora.predict(pairs, task=task, batch_size=self._batch_size(jobs))
+        out, start = [], 0
+        for job in jobs:
+            out.append([r[task] for r in rows[start : start + job.size]])
+            start += job.size
+        return out

@@ -1,0 +1,252 @@
+"""``sora compress``: head and layer pruning, PyTorch int8, ONNX (fp32 and int8), the accuracy gate, metadata.
+
+One tiny native model (2 layers × 4 heads, dim 32) is pretrained and fine-tuned on examples/sample once per
+module; every compression runs on it in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sora
+from sora.compress import compress
+from sora.compress.onnx_export import OnnxEncoder, export_onnx
+from sora.compress.prune import apply_pruning, head_importance, plan_pruning
+from sora.config import load_finetune_recipe, load_recipe
+from sora.data.batching import collate
+from sora.errors import CheckpointError, ConfigError, SoraError
+from sora.models.checkpoint import save_checkpoint
+from sora.train.finetune import run_finetune
+from sora.train.pretrain import run_pretrain
+
+SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample"
+TINY_PRETRAIN = {
+    "model.dim": 32, "model.ffn_dim": 64, "model.layers": 2, "model.heads": 4, "model.code_dim": 16,
+    "model.decoder_layers": 1, "train.warmup_steps": 2, "tokenizer.vocab_size": 400, "data.batch_size": 8,
+    "data.max_length": 32, "train.lr": 3e-3, "train.progress": False, "train.device": "cpu",
+}
+FINETUNE = {
+    "train.warmup_steps": 0, "train.eval_every": 0, "train.save_every": 0, "data.batch_size": 16,
+    "data.max_length": 32, "train.progress": False, "train.device": "cpu", "train.lr": 3e-3, "finetune.epochs": 3,
+}
+ALWAYS = 1000.0  # a max drop no model can exceed: these tests check the mechanics, not the tiny model's accuracy
+
+
+def texts() -> list[str]:
+    rows = [json.loads(line) for line in (SAMPLE / "validation.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [r["text"] for r in rows]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def config_of(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory) -> Path:
+    """A tiny model pretrained (30 steps) then fine-tuned (3 epochs) on the bundled sample."""
+    root = tmp_path_factory.mktemp("compress")
+    run_pretrain(load_recipe(None, {**TINY_PRETRAIN, "data.train": str(SAMPLE / "train.jsonl"),
+                                    "output": str(root / "pre"), "train.max_steps": 30}))
+    run_finetune(load_finetune_recipe(None, {**FINETUNE, "finetune.init": str(root / "pre"),
+                                             "tasks.0.data": str(SAMPLE), "output": str(root / "ft")}))
+    return root / "ft" / "model"
+
+
+@pytest.fixture(scope="module")
+def compressed(finetuned, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    out = tmp_path_factory.mktemp("out")
+    runs = {"prune": ("prune", {"prune_heads": 0.5}), "layer": ("prune", {"prune_layers": 1}),
+            "int8": ("int8", {}), "onnx": ("onnx", {}), "onnx-int8": ("onnx-int8", {})}
+    return {name: (out / name, compress(finetuned, out / name, method, max_drop=ALWAYS, **kw))
+            for name, (method, kw) in runs.items()}
+
+
+def test_prune_heads_physically_and_reload_identically(finetuned, compressed, tmp_path):
+    path, result = compressed["prune"]
+    cfg = config_of(path)["model"]
+    assert cfg["layers"] == 2 and sum(cfg["layer_heads"]) == 4 and min(cfg["layer_heads"]) >= 1
+    assert result["pruning"]["heads_after"] == 4 and cfg["decoder_layers"] == 0
+    original, pruned = sora.load(finetuned), sora.load(path)
+    assert n_params(pruned.model) < n_params(original.model)
+    for layer, heads in zip(pruned.model.encoder.layers, cfg["layer_heads"], strict=True):
+        assert layer.attn.qkv.weight.shape[0] == 3 * heads * 8 and layer.attn.out.weight.shape[1] == heads * 8
+    # The in-memory pruned model and the one reloaded from its checkpoint agree exactly.
+    model, tok = original.model, original.tokenizer
+    ids = tok.encode(texts(), 32)
+    batches = [(n, {**collate(ids[i:i + 8], tok.pad_id), "labels": torch.zeros(len(ids[i:i + 8]), dtype=torch.long)})
+               for n in model.head_specs for i in range(0, len(ids), 8)]
+    plan = plan_pruning(head_importance(model, batches), head_fraction=0.25)
+    in_memory = apply_pruning(model, plan, keep_decoder=False)
+    save_checkpoint(tmp_path / "p", in_memory, tok, {k: v for k, v in original.config.items()
+                                                     if k not in ("format_version", "model", "heads")})
+    reloaded = sora.load(tmp_path / "p")
+    batch = collate(ids, tok.pad_id)
+    with torch.inference_mode():
+        assert torch.equal(in_memory.embed(batch["input_ids"], batch["attention_mask"]),
+                           reloaded.model.embed(batch["input_ids"], batch["attention_mask"]))
+    # Weights were copied, not reinitialised: with no head removed the codes are the original ones.
+    unpruned = apply_pruning(model, plan_pruning(head_importance(model, batches[:2])), keep_decoder=False)
+    with torch.inference_mode():
+        torch.testing.assert_close(unpruned.embed(batch["input_ids"], batch["attention_mask"]),
+                                   model.embed(batch["input_ids"], batch["attention_mask"]))
+
+
+def test_the_saved_model_is_the_one_measured(compressed):
+    for name in ("prune", "int8", "onnx-int8"):
+        path, result = compressed[name]
+        model = sora.load(path)
+        rows = [json.loads(line) for line in (SAMPLE / "validation.jsonl").read_text().splitlines()]
+        preds = model.predict([r["text"] for r in rows])
+        task = next(iter(preds[0]))
+        acc = np.mean([p[task]["label"] == r["label"] for p, r in zip(preds, rows, strict=True)])
+        assert acc == pytest.approx(result["validation_after"]["accuracy"]), name
+
+
+def test_prune_a_layer(compressed, finetuned):
+    path, result = compressed["layer"]
+    cfg = config_of(path)["model"]
+    assert cfg["layers"] == 1 and cfg["layer_heads"] == [4]
+    assert len(result["pruning"]["dropped_layers"]) == 1
+    model = sora.load(path)
+    assert len(model.model.encoder.layers) == 1
+    assert n_params(model.model) < n_params(sora.load(finetuned).model)
+    assert model.embed(texts()[:3]).shape == (3, 16)
+
+
+def test_int8_loads_quantized_and_close_to_fp32(compressed, finetuned):
+    from torch.ao.nn.quantized.dynamic import Linear as QLinear
+
+    path, result = compressed["int8"]
+    assert config_of(path)["compression"]["method"] == "int8"
+    model = sora.load(path)
+    quantized = [n for n, m in model.model.named_modules() if isinstance(m, QLinear)]
+    assert quantized and all(n.startswith("encoder.") and not n.endswith("ffn.down") for n in quantized)
+    a, b = model.embed(texts()), sora.load(finetuned).embed(texts())
+    assert cosine(a, b).min() > 0.9
+    np.testing.assert_array_equal(a, sora.load(path).embed(texts()))  # quantization at load is deterministic
+    assert result["size_mb"] < result["size_mb_before"] and result["code_cosine"] > 0.9
+
+
+def test_onnx_fp32_matches_torch_with_dynamic_shapes(compressed):
+    path, result = compressed["onnx"]
+    assert (path / "model.onnx").is_file() and config_of(path)["compression"]["file"] == "model.onnx"
+    onnx_model, torch_model = sora.load(path), sora.load(path, backend="torch")
+    assert onnx_model.onnx is not None and torch_model.onnx is None
+    for batch_size in (1, 3, 16):  # other batch sizes and lengths than the export traced
+        diff = np.abs(onnx_model.embed(texts(), batch_size=batch_size) - torch_model.embed(texts())).max()
+        assert diff < 1e-4
+    assert result["onnx_max_abs_diff"] < 1e-4
+
+
+def test_onnx_int8_loads_and_predicts(compressed, finetuned):
+    path, result = compressed["onnx-int8"]
+    settings = config_of(path)["compression"]
+    assert settings["backend"] == "onnx" and settings["file"] == "model.int8.onnx"
+    assert (path / "model.int8.onnx").is_file() and not (path / "model.onnx").exists()
+    model = sora.load(path)
+    assert isinstance(model.onnx, OnnxEncoder)
+    preds = model.predict(texts()[:5])
+    labels = set(sora.load(finetuned).model.head_specs["task"].labels)
+    assert all(p["task"]["label"] in labels for p in preds)
+    assert cosine(model.embed(texts()), sora.load(finetuned).embed(texts())).mean() > 0.9
+
+
+def test_metadata_recorded(compressed, finetuned):
+    for name, (path, result) in compressed.items():
+        meta = config_of(path)["metadata"]
+        assert meta["compression"]["method"] == result["method"]
+        assert "prune_heads" in meta["compression"]["params"]
+        for key in ("validation_before", "validation_after", "size_mb", "latency_ms_per_text", "speedup"):
+            assert meta[key] == result[key], (name, key)
+        assert set(meta["validation_before"]) == {"accuracy"} and meta["speedup"] > 0
+        assert (path / "tokenizer.json").is_file() and config_of(path)["heads"]
+    assert config_of(compressed["prune"][0])["metadata"]["compression"]["params"]["importance_data"] == "train"
+
+
+def test_gate_refuses_and_writes_nothing(finetuned, tmp_path):
+    out = tmp_path / "refused"
+    with pytest.raises(SoraError, match=r"accuracy dropped by -?[\d.]+ points > max -1000; use --warn-only"):
+        compress(finetuned, out, "int8", max_drop=-ALWAYS)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_warn_only_keeps_it(finetuned, tmp_path):
+    out = tmp_path / "kept"
+    with pytest.warns(UserWarning, match="kept"):
+        result = compress(finetuned, out, "prune", max_drop=-ALWAYS, warn_only=True)
+    assert result["warning"] and config_of(out)["metadata"]["compression_warning"] == result["warning"]
+    assert sora.load(out).embed(["hello"]).shape == (1, 16)
+
+
+def test_bad_requests(finetuned, compressed, tmp_path):
+    with pytest.raises(ConfigError, match="--method"):
+        compress(finetuned, tmp_path / "x", "int4")
+    with pytest.raises(ConfigError, match="at least one must stay"):
+        compress(finetuned, tmp_path / "x", "prune", prune_layers=2)
+    with pytest.raises(ConfigError, match="already compressed"):
+        compress(compressed["int8"][0], tmp_path / "x", "onnx")
+    with pytest.raises(ConfigError, match="somewhere else"):
+        compress(finetuned, finetuned, "int8")
+    with pytest.raises(CheckpointError, match="no ONNX model"):
+        sora.load(finetuned, backend="onnx")
+    with pytest.raises(ConfigError, match="backend"):
+        sora.load(finetuned, backend="tensorrt")
+    assert not (tmp_path / "x").exists()
+
+
+def test_math_attention_export_matches(finetuned, tmp_path):
+    """The fallback used if SDPA ever stops exporting gives the same graph outputs."""
+    loaded = sora.load(finetuned)
+    batch = collate(loaded.tokenizer.encode(texts()[:6], 32), loaded.tokenizer.pad_id)
+    assert export_onnx(loaded.model, tmp_path / "m.onnx", batch, attention="math") == "math"
+    with torch.inference_mode():
+        ref = loaded.model.embed(batch["input_ids"], batch["attention_mask"]).numpy()
+    out = OnnxEncoder(tmp_path / "m.onnx").codes(batch["input_ids"].numpy(), batch["attention_mask"].numpy())
+    assert np.abs(out - ref).max() < 1e-4
+
+
+def test_cli(finetuned, tmp_path, capsys, monkeypatch):
+    from sora import cli
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["sora", "compress", *args])
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, err = run(str(tmp_path / "missing"), "-o", str(tmp_path / "o"), "--method", "int8")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and str(tmp_path / "missing") in lines[0]
+    code, out, err = run(str(finetuned), "-o", str(tmp_path / "o"), "--method", "prune", "--max-drop", "-1000")
+    assert code == 2 and "use --warn-only" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+    code, out, err = run(str(finetuned), "-o", str(tmp_path / "o"), "--method", "prune", "--prune-heads", "0.25",
+                         "--max-drop", "100")
+    assert code == 0 and "model: " in out and (tmp_path / "o" / "model.safetensors").is_file()
