@@ -139,6 +139,35 @@ def write_result(name: str, quick: bool, payload: dict[str, Any]) -> Path:
     return path
 
 
+def sst2_examples(n: int, seed: int, min_words: int = 0) -> list[tuple[str, str]]:
+    """``n`` distinct SST-2 training (text, label) pairs with ``min_words``+ words, in a seeded random order."""
+    import random
+
+    path = SHARED_DATA / "sst2" / "train.jsonl"
+    seen: set[str] = set()
+    rows: list[tuple[str, str]] = []
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            row = json.loads(line)
+            text = row.get("text", "").strip()
+            if len(text.split()) >= min_words and text not in seen:
+                seen.add(text)
+                rows.append((text, str(row["label"])))
+    random.Random(seed).shuffle(rows)
+    if len(rows) < n:
+        raise SystemExit(f"{path} has only {len(rows)} sentences of {min_words}+ words, {n} needed")
+    return rows[:n]
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> Path:
+    """Write JSON atomically (temporary file + rename): a run killed mid-write never leaves a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def skip(name: str, reason: str) -> None:
     """End a bench run that cannot happen here with a clear message (and a JSON last line), exit 0."""
     print(f"{name}: skipped: {reason}", file=sys.stderr)

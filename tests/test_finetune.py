@@ -562,7 +562,7 @@ def test_finetune_overrides_keep_finetune_defaults():
     assert recipe.model.code_dim is None and recipe.model.output_vocab == "batch"
 
 
-# ---- several tasks in one model ----------------------------------------------------------------------------------------
+# ---- several tasks in one model ----
 
 
 def test_two_tasks_train_together(pretrained, sample_dir, tmp_path):
