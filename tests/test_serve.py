@@ -1,10 +1,10 @@
 """``sora serve`` end to end, against real server processes on free loopback ports.
 
-One tiny fine-tuned model (a pair head and two single-text heads) is built once; three servers start in
-parallel: "open" (no key, small limits), "auth" (SORA_API_KEY set) and "slow" (--max-queue 1, a long
---max-wait-ms: 429s and the SIGTERM drain). Also: the batcher on its own, readiness before the model has
-loaded (in-process), the Python client and ``sora predict --url``, schemathesis against /openapi.json,
-and that the deploy/ manifests parse.
+One tiny fine-tuned model (a pair head and two single-text heads) is built once; four servers start in
+parallel: "open" (no key, small limits), "auth" (SORA_API_KEY set), "slow" (--max-queue 1, a long
+--max-wait-ms: 429s and the SIGTERM drain) and "workers" (--workers 2, multi-process metrics). Also: the
+batcher on its own, readiness before the model has loaded (in-process), the Python client and
+``sora predict --url``, schemathesis against /openapi.json, and that the deploy/ manifests parse.
 """
 
 from __future__ import annotations
@@ -104,11 +104,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, log: Path, *args: str, key: str | None = None) -> Server:
+def start_server(model: Path, log: Path, *args: str, key: str | None = None, multiproc: Path | None = None
+                 ) -> Server:
     env = {k: v for k, v in os.environ.items() if k not in ("SORA_API_KEY", "PROMETHEUS_MULTIPROC_DIR")}
     env["OMP_NUM_THREADS"] = "1"
     if key:
         env["SORA_API_KEY"] = key
+    if multiproc:
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc)
     port = free_port()
     fh = log.open("w")
     proc = subprocess.Popen([*SORA, "serve", str(model), "--port", str(port), "--threads", "1", *args],
@@ -134,14 +137,20 @@ def wait_ready(server: Server, timeout: float = 90.0) -> None:
 @pytest.fixture(scope="module")
 def servers(model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("serve-logs")
+    broken = logs / "broken-checkpoint"  # config and tokenizer fine, weights truncated: fails while loading
+    shutil.copytree(model_dir / "model", broken)
+    (broken / "model.safetensors").write_bytes((model_dir / "model" / "model.safetensors").read_bytes()[:1000])
     started = {
         "open": start_server(model_dir, logs / "open.log", "--max-texts", "8", "--max-chars", "200"),
         "auth": start_server(model_dir, logs / "auth.log", key=KEY),
-        "slow": start_server(model_dir, logs / "slow.log", "--max-queue", "1", "--max-wait-ms", "1500"),
+        "slow": start_server(model_dir, logs / "slow.log", "--max-queue", "1", "--max-wait-ms", "3000"),
+        "workers": start_server(model_dir, logs / "workers.log", "--workers", "2", multiproc=logs / "prometheus"),
+        "broken": start_server(broken, logs / "broken.log"),
     }
     try:
-        for server in started.values():
-            wait_ready(server)
+        for name, server in started.items():
+            if name != "broken":
+                wait_ready(server)
         yield started
     finally:
         running = [s.proc for s in started.values() if s.proc.poll() is None]
@@ -174,6 +183,13 @@ def metric_values(text: str) -> dict[tuple[str, tuple], float]:
         for sample in family.samples:
             out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return out
+
+
+def wait_for_metric(url: str, name: str, at_least: float, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while metric_values(httpx.get(url + "/metrics").text).get((name, ()), 0) < at_least:
+        assert time.monotonic() < deadline, f"{name} never reached {at_least}"
+        time.sleep(0.02)
 
 
 # ---- routes -----------------------------------------------------------------------------------------------
@@ -298,14 +314,19 @@ def test_auth(servers):
     assert err.value.status == 401
 
 
-def test_concurrent_requests_share_forward_passes(url):
-    async def burst():
-        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-            return await asyncio.gather(*[client.post("/v1/predict", json={"texts": [f"text number {i}"]})
-                                          for i in range(24)])
+async def simultaneous(url: str, path: str, bodies: list) -> list[httpx.Response]:
+    """One request per connection, all sent at once on connections opened (and used) beforehand."""
+    clients = [httpx.AsyncClient(base_url=url, timeout=30) for _ in bodies]
+    try:
+        await asyncio.gather(*[c.get("/healthz") for c in clients])
+        return await asyncio.gather(*[c.post(path, json=b) for c, b in zip(clients, bodies, strict=True)])
+    finally:
+        await asyncio.gather(*[c.aclose() for c in clients])
 
+
+def test_concurrent_requests_share_forward_passes(url):
     before = metric_values(httpx.get(url + "/metrics").text)
-    responses = asyncio.run(burst())
+    responses = asyncio.run(simultaneous(url, "/v1/predict", [{"texts": [f"text number {i}"]} for i in range(24)]))
     assert [r.status_code for r in responses] == [200] * 24
     after = metric_values(httpx.get(url + "/metrics").text)
     passes = after[("sora_batch_size_count", ())] - before[("sora_batch_size_count", ())]
@@ -416,17 +437,11 @@ def test_schemathesis_finds_no_server_errors(url, tmp_path):
     assert "No issues found" in proc.stdout
 
 
-# ---- back-pressure and shutdown (the "slow" server: --max-queue 1 --max-wait-ms 1500) -------------------------
+# ---- back-pressure and shutdown (the "slow" server: --max-queue 1 --max-wait-ms 3000) -------------------------
 
 
 def test_full_queue_answers_429_with_retry_after(servers):
-    url = servers["slow"].url
-
-    async def burst():
-        async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=32)) as c:
-            return await asyncio.gather(*[c.post("/v1/embed", json={"texts": [f"t{i}"]}) for i in range(32)])
-
-    responses = asyncio.run(burst())
+    responses = asyncio.run(simultaneous(servers["slow"].url, "/v1/embed", [{"texts": [f"t{i}"]} for i in range(32)]))
     codes = [r.status_code for r in responses]
     assert set(codes) <= {200, 429} and codes.count(200) >= 1 and codes.count(429) >= 1, codes
     busy = next(r for r in responses if r.status_code == 429)
@@ -442,12 +457,12 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(servers):
     slow = socket.create_connection((host, int(port)))
     slow.sendall(b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:5])
-    time.sleep(0.3)
+    wait_for_metric(server.url, "sora_inflight_requests", 2)  # the held request and this scrape
     result: dict = {}
     first = threading.Thread(target=lambda: result.update(r=post(server.url, "/v1/embed", {"texts": ["first"]})))
     first.start()
-    time.sleep(0.3)
-    assert first.is_alive()  # waiting in the batcher
+    wait_for_metric(server.url, "sora_queue_depth", 1)  # the first request waits in the batcher
+    assert first.is_alive()
     server.proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     slow.sendall(body[5:])
@@ -460,10 +475,52 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(servers):
         reply += chunk
     slow.close()
     first.join(20)
-    assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
-    assert result["r"].status_code == 200
+    # The held request is answered too (429 here: with --max-queue 1 the first request holds the only place).
+    assert reply.startswith((b"HTTP/1.1 200", b"HTTP/1.1 429")), reply[:200]
+    assert result["r"].status_code == 200 and result["r"].json()["embeddings"]
     assert server.proc.wait(30) == 0, server.output()
     assert "Application shutdown complete" in server.output()
+
+
+def test_two_workers_share_metrics_and_stop_cleanly(servers):
+    """--workers 2 with PROMETHEUS_MULTIPROC_DIR: /metrics (either worker) counts every worker's requests."""
+    server = servers["workers"]
+    with httpx.Client(base_url=server.url, timeout=30) as client:  # one connection: one worker, most likely
+        for _ in range(6):
+            assert client.post("/v1/embed", json={"texts": ["a"]}).status_code == 200
+    for _ in range(6):  # a new connection each time: the kernel spreads them over the workers
+        assert post(server.url, "/v1/embed", {"texts": ["b"]}).status_code == 200
+    for _ in range(3):
+        values = metric_values(httpx.get(server.url + "/metrics").text)
+        assert values[("sora_requests_total", (("route", "/v1/embed"), ("status", "200")))] == 12
+        assert values[("sora_batch_size_count", ())] == 12 + 2  # sequential requests + a warm-up per worker
+        assert len([k for k in values if k[0] == "sora_model_info"]) == 1
+    assert len(list((Path(server.log).parent / "prometheus").glob("counter_*.db"))) == 2
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0, server.output()
+    assert server.output().count("ready; auth off") == 2
+
+
+def test_a_checkpoint_that_cannot_load_stops_the_server_with_one_line(servers):
+    server = servers["broken"]
+    assert server.proc.wait(60) == 2, server.output()
+    lines = server.output().strip().splitlines()
+    assert lines[-1].startswith("error: the model could not be served: ") and "Traceback" not in server.output()
+
+
+def test_cli_serve_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    from sora import cli as sora_cli
+
+    cases = [([str(tmp_path / "nowhere")], "checkpoint not found"),
+             ([str(tmp_path), "--max-texts", "0"], "--max-texts"),
+             ([str(tmp_path), "--backend", "tpu"], "--backend")]
+    for args, fragment in cases:
+        monkeypatch.setattr(sys, "argv", ["sora", "serve", *args])
+        with pytest.raises(SystemExit) as exit_:
+            sora_cli.main()
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and err.startswith("error: ") and fragment in err, err
+        assert len(err.splitlines()) == 1
 
 
 # ---- in-process: readiness before load, the batcher, deploy files --------------------------------------------
@@ -561,7 +618,7 @@ def test_deploy_manifests_parse():
     deploy = ROOT / "deploy"
     docs = []
     for path in sorted((deploy / "k8s").glob("*.yaml")):
-        docs += [(path.name, d) for d in yaml.safe_load_all(path.read_text()) if d]
+        docs += [(path.name, d) for d in yaml.safe_load_all(path.read_text()) if d and "kind" in d]
     kinds = {d["kind"] for _, d in docs}
     assert {"Deployment", "Service", "HorizontalPodAutoscaler", "ScaledObject"} <= kinds, kinds
     deployment = next(d for _, d in docs if d["kind"] == "Deployment")

@@ -6,8 +6,9 @@ __version__ = "0.1.0"
 __all__ = ["SoraError", "load", "__version__"]
 
 
-def load(path, device: str = "cpu"):
-    """Load a checkpoint (or a run directory) for inference: ``sora.load(path).embed(texts)``."""
+def load(path, device: str = "cpu", backend: str | None = None):
+    """Load a checkpoint (or a run directory) for inference: ``sora.load(path).embed(texts)``.
+    ``backend``: None runs what the checkpoint says (``sora compress``), or "torch" / "onnx"."""
     from sora.api import load as _load
 
-    return _load(path, device=device)
+    return _load(path, device=device, backend=backend)

@@ -243,7 +243,8 @@ def serve(
     port: Annotated[int, typer.Option()] = 8000,
     workers: Annotated[int, typer.Option(help="worker processes (each loads the model and batches on its own)")
                        ] = 1,
-    threads: Annotated[int | None, typer.Option(help="torch threads per worker (default: cores / workers)")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads per worker (default: its share of the CPUs, "
+                                                     "less one for HTTP)")] = None,
     api_key_env: Annotated[str, typer.Option(help="env var holding the bearer API key; unset or empty: no auth")
                            ] = "SORA_API_KEY",
     max_batch_tokens: Annotated[int, typer.Option(help="padded tokens per forward pass")] = 8192,
@@ -251,7 +252,8 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="requests waiting for a forward pass before 429")] = 1024,
     max_texts: Annotated[int, typer.Option(help="texts per request before 413")] = 256,
     max_chars: Annotated[int, typer.Option(help="characters per text before 413")] = 5000,
-    backend: Annotated[str, typer.Option(help="torch|onnx")] = "torch",
+    backend: Annotated[str, typer.Option(help="auto|torch|onnx (auto: what the checkpoint says, see sora compress)")
+                       ] = "auto",
     device: Annotated[str, typer.Option()] = "cpu",
     access_log: Annotated[bool, typer.Option(help="log every request")] = False,
 ) -> None:

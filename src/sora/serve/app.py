@@ -182,4 +182,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
 def app_from_env() -> FastAPI:
     """The factory uvicorn's worker processes call (``--workers N``): settings come from SORA_SERVE_SETTINGS."""
-    return create_app(ServeSettings.from_env())
+    from sora.serve.server import configure_logging
+
+    settings = ServeSettings.from_env()
+    configure_logging(settings)
+    return create_app(settings)

@@ -28,22 +28,21 @@ def pair_key(task: str) -> tuple[str, str]:
     return ("pair", task)
 
 
-def load_sora(checkpoint: str, backend: str = "torch", device: str = "cpu"):
-    """``sora.load``; ``backend="onnx"`` only where ``sora.api.load`` offers a ``backend`` argument."""
+def load_sora(checkpoint: str, backend: str = "auto", device: str = "cpu"):
+    """``sora.load``. ``auto`` runs what the checkpoint says (``sora compress`` may have made it ONNX or int8)."""
     from sora import api
 
-    if backend == "torch":
-        return api.load(checkpoint, device=device)
-    if "backend" not in inspect.signature(api.load).parameters:
-        raise SoraError(f"--backend {backend}: this build of sora has no {backend} backend (use --backend torch)")
-    return api.load(checkpoint, device=device, backend=backend)
+    if "backend" in inspect.signature(api.load).parameters:
+        return api.load(checkpoint, device=device, backend=None if backend == "auto" else backend)
+    if backend == "onnx":
+        raise SoraError("--backend onnx: this build of sora has no ONNX backend (use --backend torch)")
+    return api.load(checkpoint, device=device)
 
 
 def weights_version(path: Path) -> str:
     """A short content hash of the checkpoint's weights and config: changes whenever the model does."""
     h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors", "model.onnx"):
-        f = path / name
+    for f in [path / "config.json", path / "model.safetensors", *sorted(path.glob("*.onnx"))]:
         if f.is_file():
             with f.open("rb") as fh:
                 while chunk := fh.read(1 << 20):
@@ -65,10 +64,11 @@ def format_prediction(spec, s: np.ndarray) -> dict[str, Any]:
 
 
 class Engine:
-    def __init__(self, sora, backend: str, max_batch_tokens: int):
+    def __init__(self, sora, max_batch_tokens: int):
         from tokenizers import Tokenizer
 
-        self.sora, self.backend, self.max_batch_tokens = sora, backend, max_batch_tokens
+        self.sora, self.max_batch_tokens = sora, max_batch_tokens
+        self.backend = "onnx" if getattr(sora, "onnx", None) is not None else "torch"  # what actually runs
         self.path = Path(sora.path)
         self.name = self.path.parent.name if self.path.name == "model" else self.path.name
         self.config: dict[str, Any] = sora.config
@@ -85,9 +85,9 @@ class Engine:
         self._counter.enable_truncation(self.max_length)
 
     @classmethod
-    def load(cls, checkpoint: str, backend: str = "torch", device: str = "cpu",
+    def load(cls, checkpoint: str, backend: str = "auto", device: str = "cpu",
              max_batch_tokens: int = 8192) -> Engine:
-        return cls(load_sora(checkpoint, backend, device), backend, max_batch_tokens)
+        return cls(load_sora(checkpoint, backend, device), max_batch_tokens)
 
     @property
     def dim(self) -> int:
@@ -104,8 +104,8 @@ class Engine:
         compression = self.config.get("compression")
         quant = None
         if isinstance(compression, dict):
-            quant = compression.get("quantization") or compression.get("quantize")
-        quant = quant or self.metadata.get("quantization")
+            method = str(compression.get("method") or "")
+            quant = compression.get("quantization") or ("int8" if "int8" in method else None)
         validation = self.metadata.get("validation") or {}
         info = self.sora.info()
         return {

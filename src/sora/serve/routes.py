@@ -15,6 +15,7 @@ that registers it before ``create_app`` (add it to ``PLUGINS``).
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -142,8 +143,10 @@ async def predict(request: Request, body: Annotated[PredictRequest, Depends(limi
     else:
         items = [tuple(p) for p in body.pairs or []]
         rows = [{} for _ in items]
-        for task in tasks:  # one pass per pair head (each encodes the pair its own way)
-            for row, pred in zip(rows, await state.infer(scope_state, pair_key(task), items, None), strict=True):
+        # One pass per pair head (each encodes the pair its own way), queued together.
+        results = await asyncio.gather(*[state.infer(scope_state, pair_key(t), items, None) for t in tasks])
+        for task, preds in zip(tasks, results, strict=True):
+            for row, pred in zip(rows, preds, strict=True):
                 row[task] = pred
     return PredictResponse(predictions=rows, model=engine.name, tasks=tasks)
 

@@ -17,14 +17,14 @@ class ServeSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1)
-    threads: int | None = Field(None, ge=1)  # torch intra-op threads per worker (default: cores / workers)
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads per worker (default: state.default_threads)
     api_key_env: str | None = "SORA_API_KEY"  # the NAME of the env var holding the key; unset or empty: no auth
     max_batch_tokens: int = Field(8192, ge=1)  # padded tokens (texts × longest) per forward pass
     max_wait_ms: float = Field(5.0, ge=0)  # how long the first request of a batch may wait for company
     max_queue: int = Field(1024, ge=1)  # requests waiting for a forward pass; more → 429
     max_texts: int = Field(256, ge=1)  # texts (or pairs) per request; more → 413
     max_chars: int = Field(5000, ge=1)  # characters per text; more → 413
-    backend: Literal["torch", "onnx"] = "torch"
+    backend: Literal["auto", "torch", "onnx"] = "auto"  # auto: what the checkpoint says (sora compress)
     device: str = "cpu"
     graceful_timeout_s: float = Field(30.0, gt=0)  # SIGTERM: how long in-flight requests may take to finish
     access_log: bool = False

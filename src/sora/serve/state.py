@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
+from pathlib import Path
 from typing import Any
 
 from sora.serve.batcher import Job, MicroBatcher
@@ -15,6 +17,25 @@ from sora.serve.settings import ServeSettings
 log = logging.getLogger("sora.serve")
 
 WARMUP_TEXTS = ["Warm-up text for the first forward pass.", "一段用于预热的文字。"] * 4
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 quota (a container's CPU limit)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def default_threads(workers: int) -> int:
+    """torch intra-op threads per worker: its share of the CPUs less one, which its event loop needs (HTTP
+    parsing, JSON, batching). Sharing every core with the event loop stalls the threads at each op's barrier."""
+    share = available_cpus() // max(1, workers)
+    return max(1, share - 1)
 
 
 class ServeState:
@@ -48,9 +69,8 @@ class ServeState:
         try:
             import torch
 
-            threads = s.threads or (max(1, (os.cpu_count() or 1) // s.workers) if s.workers > 1 else None)
-            if threads and not os.environ.get("OMP_NUM_THREADS"):
-                torch.set_num_threads(threads)
+            if s.threads or not os.environ.get("OMP_NUM_THREADS"):
+                torch.set_num_threads(s.threads or default_threads(s.workers))
             self.engine = await loop.run_in_executor(
                 None, lambda: Engine.load(s.checkpoint, s.backend, s.device, s.max_batch_tokens))
             e = self.engine

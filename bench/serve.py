@@ -1,0 +1,345 @@
+"""Serving throughput: in-process batched ``Sora.predict`` vs ``sora serve`` over HTTP vs a naive server.
+
+- in-process: ``Sora.predict`` on batches of 32 texts, in this process (texts/s): the ceiling; and on one
+  text at a time, which bounds what batching can gain on this machine (HTTP / baseline ≤ batch 32 / batch 1).
+- HTTP: ``sora serve`` (micro-batching) at 1, 8, 32 and 64 concurrent clients, one text per request.
+- baseline: ``bench/baseline_server.py`` (plain FastAPI, one forward pass per request), same load.
+- soak: 10,000 requests (1,000 with --quick) at 32 clients against ``sora serve``; the server's RSS at the
+  start, after every 1,000 requests and at the end.
+
+The load generator is this process: one asyncio event loop, one ``httpx.AsyncClient`` (one keep-alive
+connection) per client, each client sending its next request when the previous answer arrives (closed loop),
+loopback only, each level bounded by a duration and a request count. It shares the machine's cores with the
+server, as a sidecar or a client on the same host would. Model: all-MiniLM-L6-v2 with a classification head
+fine-tuned for a few steps on examples/sample (accuracy is beside the point here). Texts: examples/sample.
+
+    .venv/bin/python bench/serve.py            # ~8 min; bench/results/serve.json
+    .venv/bin/python bench/serve.py --quick    # < 2 min; bench/results/serve.quick.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from common import REPO, add_common_args, command_line, load_average, machine_info, offline, write_result
+
+SAMPLE = REPO / "examples" / "sample"
+MODEL_DIR = REPO / "runs" / "bench-serve" / "minilm-sample"
+LEVELS = (1, 8, 32, 64)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def sample_texts() -> list[str]:
+    texts = []
+    for split in ("train", "validation", "test"):
+        texts += [json.loads(line)["text"] for line in (SAMPLE / f"{split}.jsonl").read_text().splitlines()]
+    return texts
+
+
+def prepare_model() -> Path:
+    """MiniLM + a 4-label head, fine-tuned for 5 steps on examples/sample (cached under runs/)."""
+    if (MODEL_DIR / "model" / "config.json").is_file():
+        return MODEL_DIR
+    from sora.config import load_finetune_recipe
+    from sora.train.finetune import run_finetune
+
+    log(f"fine-tuning all-MiniLM-L6-v2 for 5 steps -> {MODEL_DIR}")
+    run_finetune(load_finetune_recipe(None, {
+        "finetune.init": "all-MiniLM-L6-v2", "tasks.0.data": str(SAMPLE), "finetune.max_steps": 5,
+        "output": str(MODEL_DIR), "train.progress": False, "train.device": "cpu", "train.warmup_steps": 0,
+        "train.eval_every": 0, "train.save_every": 0, "data.batch_size": 16, "data.max_length": 128}))
+    return MODEL_DIR
+
+
+class InProcess:
+    """``Sora.predict`` on batches of 32 texts in this process: the ceiling for the same work over HTTP."""
+
+    def __init__(self, model_dir: Path, texts: list[str]):
+        import sora
+
+        self.model = sora.load(model_dir)
+        self.batches = [texts[i : i + 32] for i in range(0, len(texts) - 31, 32)]
+        self.model.predict(self.batches[0])
+        self.i = 0
+
+    def run(self, seconds: float, batch: int = 32) -> dict[str, Any]:
+        done, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            texts = self.batches[self.i % len(self.batches)][:batch]
+            self.model.predict(texts, batch_size=batch)
+            done += len(texts)
+            self.i += 1
+        return {"ok": done, "seconds": time.perf_counter() - t0}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], url: str, log_path: Path, timeout: float = 180) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "SORA_API_KEY"}
+    with log_path.open("w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{cmd[2]} exited {proc.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"{cmd} not ready after {timeout} s")
+
+
+def stop(proc: subprocess.Popen) -> int:
+    proc.terminate()
+    try:
+        return proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return -9
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+async def drive(url: str, clients: int, seconds: float, max_requests: int, texts: list[str],
+                on_done=None) -> dict[str, Any]:
+    """Closed-loop load: ``clients`` connections, each sending one text per request until the time or the
+    request budget runs out. One ``httpx.AsyncClient`` per connection: a shared pool costs the generator
+    twice the CPU per request at 64 connections (its pool bookkeeping), which this machine cannot spare."""
+    latencies: list[float] = []
+    errors: Counter = Counter()
+    sent = 0
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    pool = [httpx.AsyncClient(base_url=url, timeout=120, limits=limits) for _ in range(clients)]
+    stop_at = time.perf_counter() + seconds
+
+    async def one_client(k: int, client: httpx.AsyncClient) -> None:
+        nonlocal sent
+        i = k
+        while time.perf_counter() < stop_at and sent < max_requests:
+            sent += 1
+            body = {"texts": [texts[i % len(texts)]]}
+            i += clients
+            t0 = time.perf_counter()
+            try:
+                r = await client.post("/v1/predict", json=body)
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    errors[str(r.status_code)] += 1
+            except httpx.HTTPError as exc:
+                errors[type(exc).__name__] += 1
+            if on_done is not None:
+                on_done(len(latencies) + sum(errors.values()))
+
+    t0 = time.perf_counter()
+    try:
+        await asyncio.gather(*[one_client(k, c) for k, c in enumerate(pool)])
+    finally:
+        elapsed = time.perf_counter() - t0
+        for c in pool:
+            await c.aclose()
+    lat = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
+    return {"clients": clients, "requests": sent, "ok": len(latencies), "errors": dict(errors),
+            "seconds": elapsed, "per_s": round(len(latencies) / elapsed, 1), "latencies": latencies,
+            "p99_ms": round(float(np.percentile(lat, 99)), 2)}
+
+
+def batch_stats(url: str) -> tuple[float, float]:
+    """(forward passes, texts) so far, from the server's /metrics."""
+    count = total = 0.0
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith("sora_batch_size_count"):
+            count = float(line.split()[-1])
+        elif line.startswith("sora_batch_size_sum"):
+            total = float(line.split()[-1])
+    return count, total
+
+
+class Tally:
+    """One configuration measured over several rounds: totals, pooled latencies."""
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.seconds = 0.0
+        self.errors: Counter = Counter()
+        self.latencies: list[float] = []
+        self.rounds: list[float] = []
+        self.passes = self.texts = 0.0
+
+    def add(self, r: dict[str, Any]) -> None:
+        self.ok += r["ok"]
+        self.seconds += r["seconds"]
+        self.errors.update(r.get("errors", {}))
+        self.latencies += r.get("latencies", [])
+        self.rounds.append(round(r["ok"] / r["seconds"], 1))
+
+    def summary(self) -> dict[str, Any]:
+        lat = np.array(self.latencies) * 1000 if self.latencies else np.array([float("nan")])
+        out = {"per_s": round(self.ok / self.seconds, 1), "ok": self.ok, "seconds": round(self.seconds, 1),
+               "errors": dict(self.errors), "per_round_per_s": self.rounds}
+        if self.latencies:
+            out.update({f"p{q}_ms": round(float(np.percentile(lat, q)), 2) for q in (50, 95, 99)})
+        if self.passes:
+            out["mean_batch"] = round(self.texts / self.passes, 2)
+        return out
+
+
+def measure(url: str, clients: int, seconds: float, max_requests: int, texts: list[str], tally: Tally,
+            sora_metrics: bool) -> None:
+    before = batch_stats(url) if sora_metrics else None
+    tally.add(asyncio.run(drive(url, clients, seconds, max_requests, texts)))
+    if before is not None:
+        after = batch_stats(url)
+        tally.passes += after[0] - before[0]
+        tally.texts += after[1] - before[1]
+
+
+def soak(url: str, pid: int, texts: list[str], requests: int, clients: int, max_seconds: float) -> dict[str, Any]:
+    samples = [{"requests": 0, "rss_mb": rss_mb(pid)}]
+
+    def on_done(n: int) -> None:
+        if n % 1000 == 0 and n > samples[-1]["requests"]:
+            samples.append({"requests": n, "rss_mb": rss_mb(pid)})
+
+    r = asyncio.run(drive(url, clients, max_seconds, requests, texts, on_done))
+    time.sleep(0.5)
+    samples.append({"requests": r["ok"] + sum(r["errors"].values()), "rss_mb": rss_mb(pid), "end": True})
+    rss = [s["rss_mb"] for s in samples]
+    after_first = [s["rss_mb"] for s in samples if s["requests"] >= 1000] or rss
+    log(f"soak: {r['ok']} ok, errors {r['errors'] or 0}, RSS {rss[0]} -> {rss[-1]} MB "
+        f"(after the first 1000: {min(after_first)}..{max(after_first)} MB)")
+    return {"requests": r["requests"], "ok": r["ok"], "errors": r["errors"], "clients": clients,
+            "per_s": r["per_s"], "p99_ms": r["p99_ms"], "rss_mb": samples,
+            "rss_growth_mb": round(rss[-1] - rss[0], 1),
+            "rss_growth_after_first_1000_mb": round(max(after_first) - min(after_first), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--rounds", type=int, default=None, help="measurement rounds (default 6; quick 1)")
+    parser.add_argument("--seconds", type=float, default=None, help="per configuration and round (default 5; quick 3)")
+    parser.add_argument("--soak-requests", type=int, default=None, help="default 10000; quick 1000")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="sora serve --max-wait-ms")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads everywhere (default: cores)")
+    args = parser.parse_args()
+    offline()
+    rounds = args.rounds or (1 if args.quick else 6)
+    seconds = args.seconds or (3.0 if args.quick else 5.0)
+    soak_n = args.soak_requests or (1000 if args.quick else 10000)
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the servers' torch threads
+    max_requests = 50_000
+    t_start = time.perf_counter()
+    load_before = load_average()
+
+    model_dir = prepare_model()
+    texts = sample_texts()
+    logs = REPO / "runs" / "bench-serve"
+    py = sys.executable
+    url, base_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+    sora_cmd = [py, "-m", "sora.cli", "serve", str(model_dir), "--port", url.rsplit(":", 1)[1], "--max-wait-ms",
+                str(args.max_wait_ms), "--threads", str(threads)]
+    server = start(sora_cmd, url, logs / "sora-serve.log")
+    baseline = start([py, str(REPO / "bench" / "baseline_server.py"), str(model_dir), "--port",
+                      base_url.rsplit(":", 1)[1]], base_url, logs / "baseline.log")
+    inproc = InProcess(model_dir, texts)
+    tallies = {"inproc": Tally(), "inproc_batch1": Tally(),
+               **{f"{name}/{c}": Tally() for name in ("sora", "baseline") for c in LEVELS}}
+    try:
+        for u in (url, base_url):  # warm-up: connections, allocator, caches
+            asyncio.run(drive(u, 8, 2.0, 200, texts))
+        # Rounds interleave every configuration, so that what else runs on the machine weighs on all alike.
+        for r in range(rounds):
+            tallies["inproc"].add(inproc.run(seconds))
+            tallies["inproc_batch1"].add(inproc.run(seconds / 2, batch=1))
+            for c in LEVELS:
+                order = [("sora", url), ("baseline", base_url)]
+                for name, u in order if r % 2 == 0 else order[::-1]:
+                    measure(u, c, seconds, max_requests, texts, tallies[f"{name}/{c}"], name == "sora")
+            log(f"round {r + 1}/{rounds}: in-process {tallies['inproc'].rounds[-1]}/s "
+                f"(batch 1: {tallies['inproc_batch1'].rounds[-1]}/s); " + "; ".join(
+                f"{c}: sora {tallies[f'sora/{c}'].rounds[-1]}/s, baseline {tallies[f'baseline/{c}'].rounds[-1]}/s"
+                for c in LEVELS))
+        stop(baseline)
+        soak_result = soak(url, server.pid, texts, soak_n, 32, 900.0)
+    finally:
+        sora_exit = stop(server)
+        if baseline.poll() is None:
+            stop(baseline)
+
+    summary = {k: t.summary() for k, t in tallies.items()}
+    inproc_per_s = summary["inproc"]["per_s"]
+    http_per_s = {str(c): summary[f"sora/{c}"]["per_s"] for c in LEVELS}
+    base_per_s = {str(c): summary[f"baseline/{c}"]["per_s"] for c in LEVELS}
+    for c in LEVELS:
+        s_ = summary[f"sora/{c}"]
+        log(f"{c:>3} clients: sora {s_['per_s']:>6.1f}/s (p50 {s_['p50_ms']} ms, p99 {s_['p99_ms']} ms, "
+            f"mean batch {s_.get('mean_batch')}), baseline {base_per_s[str(c)]:>6.1f}/s; in-process {inproc_per_s}/s")
+    payload = {
+        "inproc_per_s": inproc_per_s,
+        # One text per forward pass in-process: batching can gain at most inproc_per_s / this, here.
+        "inproc_batch1_per_s": summary["inproc_batch1"]["per_s"],
+        "http_per_s": http_per_s,
+        "baseline_per_s": base_per_s,
+        "p99_ms": {str(c): summary[f"sora/{c}"]["p99_ms"] for c in LEVELS},
+        "baseline_p99_ms": {str(c): summary[f"baseline/{c}"]["p99_ms"] for c in LEVELS},
+        "errors": sum(sum(v["errors"].values()) for k, v in summary.items() if not k.startswith("inproc")),
+        "ratios": {"http_vs_inproc": {k: round(v / inproc_per_s, 3) for k, v in http_per_s.items()},
+                   "http_vs_baseline": {k: round(v / base_per_s[k], 2) if base_per_s[k] else None
+                                        for k, v in http_per_s.items()},
+                   "batching_ceiling_inproc32_vs_inproc1": round(inproc_per_s / summary["inproc_batch1"]["per_s"], 2)},
+        "targets": {"http_32_ge_70pct_inproc": http_per_s["32"] >= 0.7 * inproc_per_s,
+                    "http_32_ge_3x_baseline": http_per_s["32"] >= 3 * base_per_s["32"]},
+        "soak": soak_result,
+        "detail": summary,
+        "meta": {
+            **machine_info(torch.device("cpu")),
+            "command": command_line(), "quick": args.quick, "rounds": rounds, "seconds_per_config_round": seconds,
+            "load_average_before": load_before, "load_average_after": load_average(),
+            "elapsed_s": round(time.perf_counter() - t_start, 1),
+            "model": "all-MiniLM-L6-v2 + classification head (5 fine-tuning steps on examples/sample)",
+            "texts": f"examples/sample train+validation+test ({len(texts)} texts), one per request",
+            "sora_serve": f"sora serve --max-wait-ms {args.max_wait_ms} --threads {threads} (otherwise defaults: "
+                          "--max-batch-tokens 8192, 1 worker)",
+            "sora_serve_exit_code_after_sigterm": sora_exit,
+            "baseline": "bench/baseline_server.py: FastAPI, sync endpoint, one Sora.predict per request (locked)",
+            "load_generator": "this process: one asyncio loop, one httpx.AsyncClient (one keep-alive connection) "
+                              "per client, closed loop, loopback, POST /v1/predict with 1 text; configurations "
+                              "interleaved in rounds",
+        },
+    }
+    write_result("serve", args.quick, payload)
+
+
+if __name__ == "__main__":
+    main()
