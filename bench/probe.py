@@ -91,12 +91,19 @@ def tfidf_probe(tr, va, te) -> dict:
 
 
 def pretrain(recipe_file: str, out: Path, train_file: Path, minutes: float, overrides: dict) -> dict:
+    """Pretrain once; a finished run under ``out`` (its summary.json) is reused, so an interrupted bench
+    continues where it stopped."""
+    done = out / "summary.json"
+    if done.is_file():
+        return json.loads(done.read_text())
     recipe = load_recipe(ROOT / "recipes" / recipe_file, {
         "output": str(out), "data.train": str(train_file), "data.validation": None,
         "train.max_minutes": minutes, "train.progress": False, **overrides})
     t0 = time.time()
     summary = run_pretrain(recipe)
-    return {"steps": summary["steps"], "tokens": summary["tokens"], "seconds": round(time.time() - t0, 1)}
+    result = {"steps": summary["steps"], "tokens": summary["tokens"], "seconds": round(time.time() - t0, 1)}
+    done.write_text(json.dumps(result))
+    return result
 
 
 def main() -> None:
@@ -108,6 +115,7 @@ def main() -> None:
     ap.add_argument("--probe-train", type=int, default=5000, help="labeled examples for the probe")
     ap.add_argument("--max-test", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep datasets already in the results file")
     ap.add_argument("--out", default=str(ROOT / "runs" / "probe"))
     args = ap.parse_args()
     if args.quick:
@@ -119,7 +127,14 @@ def main() -> None:
                      "command": "python bench/probe.py " + " ".join(sys.argv[1:]),
                      "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                                 f"torch {torch.__version__}"}
+    out_file = ROOT / "bench" / "results" / ("probe.quick.json" if args.quick else "probe.json")
+    if args.keep and out_file.is_file():  # add to the datasets already measured
+        previous = json.loads(out_file.read_text())
+        results["datasets"] = previous.get("datasets", {})
+        results["command"] = previous.get("command", "") + " ; " + results["command"]
     for name in args.datasets.split(","):
+        if name in results["datasets"]:
+            continue
         d = SHARED / name
         if not (d / "train.jsonl").is_file():
             sys.exit(f"error: {d} missing (needs ../shared/data)")
@@ -149,11 +164,10 @@ def main() -> None:
         row["adapted"].update(score(adapted, tr, va, te))
         row["seconds"] = round(time.time() - t0, 1)
         results["datasets"][name] = row
-        print(f"{name}: " + ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in row.items() if isinstance(v, dict)),
-              file=sys.stderr, flush=True)
-    out_file = ROOT / "bench" / "results" / ("probe.quick.json" if args.quick else "probe.json")
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text(json.dumps(results, indent=2))
+        scores = {k: v["accuracy"] for k, v in row.items() if isinstance(v, dict) and "accuracy" in v}
+        print(f"{name}: " + ", ".join(f"{k} {a:.4f}" for k, a in scores.items()), file=sys.stderr, flush=True)
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        out_file.write_text(json.dumps(results, indent=2))  # after each dataset: an interrupted run keeps them
     print(markdown(results), file=sys.stderr)
     print(json.dumps(results))
 
