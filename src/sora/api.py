@@ -94,12 +94,12 @@ class Sora:
                     logits = self.model.heads[name](code)
                     s = head_scores(specs[name], logits.squeeze(-1) if specs[name].type == "regression" else logits)
                     for i, v in enumerate(s.float().cpu().numpy()):
-                        rows[i][name] = _prediction(specs[name], v)
+                        rows[i][name] = format_prediction(specs[name], v)
         for name in pairs:
             examples = [Example(t[0], None, t[1]) for t in texts]
             enc = encode_examples(examples, True, specs[name].pair_mode, self.tokenizer, self.max_length)
             for i, v in enumerate(predict_scores(self.model, self.tokenizer, name, enc, batch_size)):
-                rows[i][name] = _prediction(specs[name], v)
+                rows[i][name] = format_prediction(specs[name], v)
         return rows
 
     def info(self) -> dict[str, Any]:
@@ -118,7 +118,8 @@ class Sora:
         }
 
 
-def _prediction(spec, s: np.ndarray) -> dict[str, Any]:
+def format_prediction(spec, s: np.ndarray) -> dict[str, Any]:
+    """One head's scores as a response row (shared by ``Sora.predict`` and the server)."""
     if spec.type == "regression":
         return {"value": float(s)}
     labels = spec.labels or []

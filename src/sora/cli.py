@@ -289,13 +289,16 @@ def compress(
     task: Annotated[str | None, typer.Option(help="task head to measure (default: all)")] = None,
     max_examples: Annotated[int | None, typer.Option(help="validation examples at most (sampled)")] = None,
     keep_decoder: Annotated[bool, typer.Option(help="keep the denoising decoder (to pretrain further)")] = False,
+    keep_fp32: Annotated[str, typer.Option(help="int8 methods: layers left fp32, comma-separated name endings; "
+                                                "none: every encoder Linear in int8")] = "ffn.down",
 ) -> None:
     """Prune, quantize or export a fine-tuned model, refusing it if validation accuracy drops too far."""
     from sora.compress.core import compress as run_compress
 
+    fp32 = tuple(x.strip() for x in keep_fp32.split(",") if x.strip() and x.strip().lower() != "none")
     r = run_compress(checkpoint, output, method, prune_heads=prune_heads, prune_layers=prune_layers,
                      layer_order=layer_order, max_drop=max_drop, warn_only=warn_only, data=data, task=task,
-                     max_examples=max_examples, keep_decoder=keep_decoder)
+                     max_examples=max_examples, keep_decoder=keep_decoder, keep_fp32=fp32)
     if r.get("warning"):
         typer.secho(f"warning: {r['warning']}", fg="yellow", err=True)
     fmt = ", ".join(f"{k} {v:.4f}" for k, v in r["validation_after"].items())

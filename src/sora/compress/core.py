@@ -140,34 +140,44 @@ def _batches(encoded: list[dict[str, Any]], pad_id: int, batch_size: int):
 
 
 @torch.inference_mode()
-def task_scores(heads_model: SoraModel, embed: Embed, ts: TaskSet, pad_id: int, batch_size: int = 64) -> np.ndarray:
-    """Head scores with the codes from ``embed`` (a PyTorch model's or ONNX Runtime's)."""
-    spec = ts.spec
-    out: np.ndarray | None = None
+def task_codes(embed: Embed, ts: TaskSet, pad_id: int, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Codes of a task's examples from ``embed`` (a PyTorch model's or ONNX Runtime's), in example order:
+    ``{"a": codes}``, plus ``"b"`` for siamese pairs. Batches of 64, longest first, as ``Sora.predict``."""
+    out: dict[str, np.ndarray] = {}
     for idx, batch in _batches(ts.encoded, pad_id, batch_size):
-        if spec.siamese:
-            u = embed(batch["input_ids"], batch["attention_mask"])
-            v = embed(batch["b_input_ids"], batch["b_attention_mask"])
-            features = torch.cat([u, v, (u - v).abs(), u * v], dim=-1)
-        else:
-            features = embed(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-        logits = heads_model.heads[ts.name](features.float())
-        s = scores(spec, logits.squeeze(-1) if spec.type == "regression" else logits).float().cpu().numpy()
-        if out is None:
-            out = np.zeros((len(ts.encoded), *s.shape[1:]), dtype=np.float32)
-        out[idx] = s
-    assert out is not None
+        parts = {"a": embed(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))}
+        if ts.spec.siamese:
+            parts["b"] = embed(batch["b_input_ids"], batch["b_attention_mask"])
+        for key, c in parts.items():
+            c = c.float().cpu().numpy()
+            if key not in out:
+                out[key] = np.zeros((len(ts.encoded), c.shape[1]), dtype=np.float32)
+            out[key][idx] = c
     return out
 
 
-def evaluate(heads_model: SoraModel, embed: Embed, sets: list[TaskSet], pad_id: int) -> dict[str, dict[str, float]]:
+@torch.inference_mode()
+def task_scores(heads_model: SoraModel, ts: TaskSet, codes: dict[str, np.ndarray]) -> np.ndarray:
+    """The head's scores (probabilities, or values for regression) on precomputed codes."""
+    u = torch.from_numpy(codes["a"])
+    if ts.spec.siamese:
+        v = torch.from_numpy(codes["b"])
+        u = torch.cat([u, v, (u - v).abs(), u * v], dim=-1)
+    head = heads_model.heads[ts.name]
+    logits = head(u.to(next(head.parameters()).device))
+    spec = ts.spec
+    return scores(spec, logits.squeeze(-1) if spec.type == "regression" else logits).float().cpu().numpy()
+
+
+def evaluate(heads_model: SoraModel, codes: dict[str, dict[str, np.ndarray]], sets: list[TaskSet]
+             ) -> dict[str, dict[str, float]]:
     """task → its selection metrics (accuracy / micro_f1 / pearson and the rest ``task_metrics`` gives)."""
     from sora.train.finetune import task_metrics
 
     result = {}
     for ts in sets:
         th = np.array(ts.spec.thresholds) if ts.spec.thresholds else None
-        result[ts.name] = task_metrics(ts.spec, task_scores(heads_model, embed, ts, pad_id), ts.examples, th)
+        result[ts.name] = task_metrics(ts.spec, task_scores(heads_model, ts, codes[ts.name]), ts.examples, th)
     return result
 
 
@@ -176,17 +186,6 @@ def primary(metrics: dict[str, float], spec: HeadSpec) -> tuple[str, float]:
 
     name = spec.metric if spec.metric in metrics else DEFAULT_METRIC[spec.type]
     return name, float(metrics[name])
-
-
-@torch.inference_mode()
-def codes_of(embed: Embed, ts: TaskSet, pad_id: int, batch_size: int = 32) -> np.ndarray:
-    out = np.zeros((len(ts.encoded), 0), dtype=np.float32)
-    for idx, batch in _batches(ts.encoded, pad_id, batch_size):
-        c = embed(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).float().cpu().numpy()
-        if out.shape[1] == 0:
-            out = np.zeros((len(ts.encoded), c.shape[1]), dtype=np.float32)
-        out[idx] = c
-    return out
 
 
 def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -257,6 +256,8 @@ def compress(checkpoint: str | Path, out: str | Path, method: str, *, prune_head
         raise ConfigError(f"--prune-heads {prune_heads}: a fraction in [0, 1)")
     if prune_layers < 0:
         raise ConfigError(f"--prune-layers {prune_layers}: a count of layers, 0 or more")
+    if latency_repeats < 1 or batch_size < 1:
+        raise ConfigError("latency_repeats and batch_size must be 1 or more")
     if layer_order not in ("importance", "top"):
         raise ConfigError(f"--layer-order {layer_order!r}: use importance or top")
     if method == "prune" and not prune_heads and not prune_layers:
@@ -306,8 +307,9 @@ def compress(checkpoint: str | Path, out: str | Path, method: str, *, prune_head
             fp32 = Path(tmp) / "model.onnx"
             sample = next(_batches(sets[0].encoded, pad, 4))[1]
             attention = export_onnx(compact, fp32, sample)
-            ref = codes_of(compact.embed, sets[0], pad)
-            diff = float(np.abs(codes_of(OnnxEncoder(fp32).embed, sets[0], pad) - ref).max())
+            check = TaskSet(sets[0].name, sets[0].spec, sets[0].examples[:64], sets[0].encoded[:64])
+            ref = task_codes(compact.embed, check, pad)["a"]
+            diff = float(np.abs(task_codes(OnnxEncoder(fp32).embed, check, pad)["a"] - ref).max())
             if not diff <= ONNX_TOLERANCE:
                 raise SoraError(f"ONNX export does not match PyTorch (max |Δ| {diff:.2e} > {ONNX_TOLERANCE}); "
                                 "nothing written")
@@ -329,11 +331,12 @@ def compress(checkpoint: str | Path, out: str | Path, method: str, *, prune_head
         else:
             embed = compact.embed
             size = inference_size_mb(compact)
-        result["code_cosine"] = mean_cosine(codes_of(embed, sets[0], pad), codes_of(model.embed, sets[0], pad))
 
         # -- the gate
-        before = evaluate(model, model.embed, sets, pad)
-        after = evaluate(heads_model, embed, sets, pad)
+        codes_before = {ts.name: task_codes(model.embed, ts, pad) for ts in sets}
+        codes_after = {ts.name: task_codes(embed, ts, pad) for ts in sets}
+        result["code_cosine"] = mean_cosine(codes_before[sets[0].name]["a"], codes_after[sets[0].name]["a"])
+        before, after = evaluate(model, codes_before, sets), evaluate(heads_model, codes_after, sets)
         drops = {ts.name: 100 * (primary(before[ts.name], ts.spec)[1] - primary(after[ts.name], ts.spec)[1])
                  for ts in sets}
         drop = max(drops.values())
@@ -359,9 +362,11 @@ def compress(checkpoint: str | Path, out: str | Path, method: str, *, prune_head
         result["warning"] = warning
 
         # -- write
-        metadata = dict(config.get("metadata") or {})
+        metadata = {k: v for k, v in (config.get("metadata") or {}).items()
+                    if k not in ("onnx_max_abs_diff", "code_cosine", "compression_warning")}
         metadata.update(
-            compression={"method": method, "params": params, "source": str(source)},
+            compression={"method": method, "params": params, "source": str(source),
+                         **({"previous": metadata["compression"]} if metadata.get("compression") else {})},
             validation={f"val_{k}": v for k, v in after[sets[0].name].items()} if len(sets) == 1 else
             {f"val_{n}_{k}": v for n, m in after.items() for k, v in m.items()},
             **{k: result[k] for k in ("validation_before", "validation_after", "accuracy_drop_points", "size_mb",

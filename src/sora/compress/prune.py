@@ -50,20 +50,23 @@ def head_importance(model: SoraModel, batches: Iterable[tuple[str, dict[str, tor
         def pre(_module, args):
             x = args[0]
             b, t, _ = x.shape
-            return ((x.view(b, t, heads, head_dim) * gate.to(x.dtype)[:, None]).view(b, t, heads * head_dim),)
+            g = gate.to(x.device, x.dtype)[:, None]
+            return ((x.view(b, t, heads, head_dim) * g).view(b, t, heads * head_dim),)
 
         return pre
 
     handles = [layer.attn.out.register_forward_pre_hook(hook(g, layer.attn.heads, layer.attn.head_dim))
                for layer, g in zip(model.encoder.layers, gates, strict=True)]
     try:
+        device = next(model.parameters()).device
         for name, batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
             spec = model.head_specs[name]
             loss = task_loss(spec, task_logits(model, name, batch), batch["labels"])
             grads = torch.autograd.grad(loss, gates, allow_unused=True)
             for s, g in zip(scores, grads, strict=True):
                 if g is not None:
-                    s += g.abs()
+                    s += g.abs().cpu()
     finally:
         for h in handles:
             h.remove()

@@ -10,7 +10,6 @@ Batch keys:
 from __future__ import annotations
 
 import hashlib
-import inspect
 from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sora.errors import SoraError
+from sora.api import format_prediction
 from sora.serve.batcher import Job
 
 TEXT = ("text",)
@@ -32,11 +31,7 @@ def load_sora(checkpoint: str, backend: str = "auto", device: str = "cpu"):
     """``sora.load``. ``auto`` runs what the checkpoint says (``sora compress`` may have made it ONNX or int8)."""
     from sora import api
 
-    if "backend" in inspect.signature(api.load).parameters:
-        return api.load(checkpoint, device=device, backend=None if backend == "auto" else backend)
-    if backend == "onnx":
-        raise SoraError("--backend onnx: this build of sora has no ONNX backend (use --backend torch)")
-    return api.load(checkpoint, device=device)
+    return api.load(checkpoint, device=device, backend=None if backend == "auto" else backend)
 
 
 def weights_version(path: Path) -> str:
@@ -48,19 +43,6 @@ def weights_version(path: Path) -> str:
                 while chunk := fh.read(1 << 20):
                     h.update(chunk)
     return "sha256:" + h.hexdigest()[:12]
-
-
-def format_prediction(spec, s: np.ndarray) -> dict[str, Any]:
-    """The same row format as ``Sora.predict``."""
-    if spec.type == "regression":
-        return {"value": float(s)}
-    labels = spec.labels or []
-    scores = {lb: round(float(p), 6) for lb, p in zip(labels, s, strict=True)}
-    if spec.type == "multilabel":
-        th = spec.thresholds or [0.5] * len(labels)
-        return {"labels": [lb for lb, p, t in zip(labels, s, th, strict=True) if p >= t], "scores": scores}
-    best = int(np.argmax(s))
-    return {"label": labels[best], "score": float(s[best]), "scores": scores}
 
 
 class Engine:
