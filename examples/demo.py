@@ -4,7 +4,9 @@
 2. `sora info` describes the checkpoint, `sora embed` writes the vectors;
 3. the Python API finds the nearest neighbours of a few queries;
 4. `sora finetune` trains a topic classifier on the labeled sample from that checkpoint,
-   `sora evaluate` writes its report and `sora predict` scores new texts.
+   `sora evaluate` writes its report and `sora predict` scores new texts;
+5. `sora serve` puts the classifier behind HTTP; the client calls each route once, then the server is
+   stopped with SIGTERM (it drains in-flight requests first).
 """
 
 from __future__ import annotations
@@ -27,6 +29,47 @@ RUN = ROOT / "runs" / "demo"
 def sora_cli(*args: str) -> None:
     print(f"\n$ sora {' '.join(args)}", flush=True)
     subprocess.run([sys.executable, "-m", "sora.cli", *args], check=True, cwd=ROOT)
+
+
+def serve_once(checkpoint: Path, queries: list[str]) -> None:
+    """Start `sora serve` on a free loopback port, call every route once, stop it with SIGTERM."""
+    import signal
+    import socket
+
+    import httpx
+
+    from sora.client import SoraClient
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    print(f"\n$ sora serve {checkpoint.relative_to(ROOT)} --port {port}", flush=True)
+    server = subprocess.Popen([sys.executable, "-m", "sora.cli", "serve", str(checkpoint), "--port", str(port)],
+                              cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None:
+                raise SystemExit("the server exited before it was ready")
+            time.sleep(0.2)
+        with SoraClient(url) as client:
+            print("  GET  /healthz   ", client.health())
+            info = client.models()
+            print("  GET  /v1/models  tasks:", list(info.get("tasks", info)))
+            print("  POST /v1/embed   shape:", client.embed(queries[:2]).shape)
+            for q, p in zip(queries, client.predict(queries), strict=True):
+                print(f"  POST /v1/predict {p['task']['label']:>15}  {q}")
+        metrics = httpx.get(f"{url}/metrics", timeout=5).text
+        print("  GET  /metrics    ", sum(ln.startswith("sora_requests_total") for ln in metrics.splitlines()),
+              "request-count series")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        print("  SIGTERM -> server exit code", server.wait(timeout=60))
 
 
 def main() -> None:
@@ -71,6 +114,7 @@ def main() -> None:
     classifier = sora.load(clf)
     for query, pred in zip(queries, classifier.predict(queries), strict=True):
         print(f"  {pred['task']['label']:>15} ({pred['task']['score']:.2f})  {query}")
+    serve_once(clf, queries)
     print(f"demo finished in {time.time() - t0:.0f} s")
 
 
