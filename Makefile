@@ -28,6 +28,10 @@ bench-deps: $(STAMP)
 bench-quick: bench-deps
 	$(PY) bench/probe.py --quick
 	$(PY) bench/pretrain_speed.py --quick
+	$(PY) bench/accuracy.py --quick
+	$(PY) bench/finetune_speed.py --quick
+	$(PY) bench/compress.py --quick
+	$(PY) bench/serve.py --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
