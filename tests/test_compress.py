@@ -55,12 +55,6 @@ def config_of(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
