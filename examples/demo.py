@@ -107,7 +107,7 @@ def main() -> None:
 
     clf = RUN.parent / "demo-classifier"
     sora_cli("finetune", "--init", str(RUN.relative_to(ROOT)), "--data", "examples/sample", "-o",
-             str(clf.relative_to(ROOT)), "--epochs", "5", "--lr", "1e-3", "--batch-size", "16", "--no-progress")
+             str(clf.relative_to(ROOT)), "--epochs", "3", "--lr", "1e-3", "--batch-size", "16", "--no-progress")
     sora_cli("evaluate", str(clf.relative_to(ROOT)))
     sora_cli("predict", str(clf.relative_to(ROOT)), "examples/sample/test.jsonl", "-o",
              str((clf / "predictions.jsonl").relative_to(ROOT)))
