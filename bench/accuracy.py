@@ -22,9 +22,9 @@ the identical examples; seeds 1, 2, 3) and "full" (train subsampled to <= 10,000
 files written once per (dataset, regime, seed) under runs/accuracy/data/.
 
     python bench/accuracy.py --quick                       # < 2 minutes: trec, regime 8, 1 seed
-    # what fitted on 2 shared CPU cores (66 min; accuracy.json): regime 8, 5 datasets, 3 seeds, all six systems
-    python bench/accuracy.py --datasets sst2,trec,financial_phrasebank,ag_news,banking77 --regimes 8 \
-        --max-test 1000 --max-val 500 --threads 1
+    # what ran on 2 shared CPU cores for accuracy.json (regime 8: 66 min, then 64: 39 min, resumed after kills):
+    python bench/accuracy.py --datasets sst2,trec,financial_phrasebank,ag_news,banking77 --regimes 8,64 \
+        --max-test 1000 --max-val 500 --threads 1 [--resume]
     python bench/accuracy.py --device cuda                 # the full grid, GPU budgets
     python bench/accuracy.py --sweep --datasets trec,financial_phrasebank --regimes 8   # recipe selection
 
