@@ -125,7 +125,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
 # ONE Sora recipe per regime, chosen by mean validation accuracy over the sweep datasets (python bench/accuracy.py
 # --sweep ...; candidates in SORA_CANDIDATES, results in bench/results/accuracy.sweep.json). Never per dataset
 # or seed, never on test. Keys: lr, head_lr_multiplier, layer_lr_decay, contrastive_weight, aux_denoise_weight
-# (with finetune.unlabeled = the dataset's train text), prototype_init. sora_scratch uses the same recipe with
+# (with finetune.unlabeled = the dataset's train text), head_init. sora_scratch uses the same recipe with
 # its own lr (SCRATCH_LR, swept the same way); hf_trainer's lr is HF_LR (a sweep of the same size as Sora's).
 SORA_CANDIDATES: dict[str, dict[str, Any]] = {
     "defaults": {"lr": 5e-5},
@@ -134,6 +134,10 @@ SORA_CANDIDATES: dict[str, dict[str, Any]] = {
                         "aux_denoise_weight": 0.3},
     "supcon_hot": {"lr": 2e-4, "head_lr_multiplier": 10.0, "contrastive_weight": 1.0, "layer_lr_decay": 0.8},
 }
+# Since 2026-11-29 (second session) every candidate starts its head as a logistic-regression probe on the frozen
+# codes (finetune.head_init=probe, LP-FT) and validates the starting point as a candidate (step 0).
+for _opts in SORA_CANDIDATES.values():
+    _opts.setdefault("head_init", "probe")
 HF_CANDIDATES = (2e-5, 5e-5, 1e-4, 2e-4)
 SCRATCH_CANDIDATES = (2e-4, 5e-4)
 
@@ -289,7 +293,7 @@ def sora_recipe(run: Run, init: str, opts: dict[str, Any], out: Path) -> Finetun
         "data": {"batch_size": BATCH_SIZE, "max_length": run.max_length},
         "finetune": {
             "init": init, "max_steps": run.steps, "patience": b.patience, "seed": run.seed,
-            "prototype_init": opts.get("prototype_init", True),
+            "head_init": opts.get("head_init", "probe"),
             "head_lr_multiplier": opts.get("head_lr_multiplier", 1.0),
             "layer_lr_decay": opts.get("layer_lr_decay", 1.0),
             "aux_denoise_weight": aux, "unlabeled": str(run.unlabeled) if aux > 0 else None},
@@ -330,7 +334,7 @@ def scratch_checkpoint(ds: Dataset, device: torch.device, minutes: float, steps:
     """Pretrain a native Sora model on the dataset's unlabeled train text once per budget; cached."""
     from sora.train.pretrain import run_pretrain
 
-    out = WORK / "scratch" / f"{ds.name}-{minutes:g}min-{steps}steps-{device.type}"
+    out = WORK / "scratch" / f"{ds.name}-{minutes:g}min-{steps}steps-{device.type}-{scratch_recipe_id()}"
     marker = out / "bench.json"
     if marker.is_file() and (out / "model").is_dir():
         return out / "model", json.loads(marker.read_text())
@@ -348,6 +352,13 @@ def scratch_checkpoint(ds: Dataset, device: torch.device, minutes: float, steps:
     marker.write_text(json.dumps(info))
     log(f"  pretrained in {info['seconds']}s, {info['steps']} steps, {info['tokens']:,} tokens")
     return out / "model", info
+
+
+def scratch_recipe_id() -> str:
+    """A short hash of recipes/pretrain-scratch.yaml: a changed recipe never reuses an old cached model."""
+    import hashlib
+
+    return hashlib.sha256((REPO / "recipes" / "pretrain-scratch.yaml").read_bytes()).hexdigest()[:8]
 
 
 def run_sora_scratch(run: Run) -> dict[str, Any]:
@@ -578,6 +589,7 @@ def cell_config(config: dict[str, Any], regime: str, system: str) -> dict[str, A
         out["lr"] = (config.get("hf_lr") or {}).get(regime)
     if system == "sora_scratch":
         out["lr"] = (config.get("scratch_lr") or {}).get(regime)
+        out["pretrain_recipe"] = config.get("scratch_recipe")
     return out
 
 
@@ -753,7 +765,7 @@ def main(argv: list[str] | None = None) -> None:
     path = Path(args.out).resolve() if args.out else RESULTS / (f"{NAME}.quick.json" if args.quick else f"{NAME}.json")
     config = {"max_test": args.max_test, "max_val": args.max_val, "max_length": args.max_length,
               "budget": args.budget or device.type, "device": device.type, "recipes": RECIPES, "hf_lr": HF_LR,
-              "scratch_lr": SCRATCH_LR}
+              "scratch_lr": SCRATCH_LR, "scratch_recipe": scratch_recipe_id()}
     results = empty_grid(args)
     for name in args.datasets:
         for regime in args.regimes:
@@ -793,7 +805,7 @@ def main(argv: list[str] | None = None) -> None:
         "test_cap": args.max_test, "validation_cap": args.max_val, "max_length": args.max_length,
         "batch_size": BATCH_SIZE, "torch_threads": threads, "config": config,
         "budgets": {k: (v.__dict__ if isinstance(v, Budget) else v) for k, v in budgets.items()},
-        "sora_recipe": {r: {**RECIPES[r], "prototype_init": RECIPES[r].get("prototype_init", True),
+        "sora_recipe": {r: {**RECIPES[r], "head_init": RECIPES[r].get("head_init", "probe"),
                             "selected_by": RECIPE_SOURCE[r]} for r in REGIMES},
         "hf_trainer_lr": HF_LR, "sora_scratch_lr": SCRATCH_LR, "scratch_pretraining": pretraining,
         "notes": notes(args, budgets),

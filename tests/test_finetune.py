@@ -181,7 +181,8 @@ def test_cli_finetune_evaluate_predict(cli_run, tmp_path, capsys, monkeypatch):
 def test_saved_model_is_the_best_validation_checkpoint(cli_run):
     out = cli_run["run"]
     vals = [r["val_accuracy"] for r in log_rows(out) if "val_accuracy" in r]
-    assert len(vals) >= 5  # 10 epochs: validated at least once per epoch
+    assert len(vals) >= 4  # the starting point (step 0), then once per epoch until patience (3) runs out
+    assert [r["step"] for r in log_rows(out) if "val_accuracy" in r][0] == 0
     meta = json.loads((out / "model" / "config.json").read_text())["metadata"]
     assert meta["validation"]["val_accuracy"] == pytest.approx(max(vals))
     assert meta["train_examples"] == {"task": 360}
@@ -536,8 +537,8 @@ def test_early_stopping_when_validation_never_improves(pretrained, sample_dir, t
                                          "finetune.patience": 2, "finetune.max_steps": 400})
     per_epoch = math.ceil(360 / 16)  # validated once per epoch: 23 steps
     vals = [r for r in log_rows(out) if "val_accuracy" in r]
-    assert [r["step"] for r in vals] == [per_epoch, 2 * per_epoch, 3 * per_epoch]  # best, then 2 without gain
-    assert summary["steps"] == 3 * per_epoch < 400
+    assert [r["step"] for r in vals] == [0, per_epoch, 2 * per_epoch]  # the start is best, then 2 without gain
+    assert summary["steps"] == 2 * per_epoch < 400
     assert len({r["val_accuracy"] for r in vals}) == 1
     saved, start = weights(out / "model"), weights(pretrained / "model")
     for key, value in start.items():  # lr 0: the saved (best) encoder is the pretrained one
@@ -566,3 +567,40 @@ def test_two_tasks_train_together(pretrained, sample_dir, tmp_path):
     assert summary["steps"] == 4 and {"val_a_accuracy", "val_b_accuracy"} <= set(summary["validation"])
     pred = sora.load(out).predict(["refund please"])[0]
     assert set(pred) == {"a", "b"}
+
+
+def test_probe_head_init_is_the_logistic_regression_folded_into_the_head(pretrained, sample_dir):
+    from sklearn.linear_model import LogisticRegression
+
+    from sora.models.checkpoint import load_checkpoint
+    from sora.models.heads import add_head
+    from sora.train.finetune import _codes, head_spec, init_head
+
+    model, tokenizer, _ = load_checkpoint(pretrained / "model")
+    data = load_task(TaskConfig(name="topic", type="classification", data=str(sample_dir)), seed=1)
+    add_head(model, "topic", head_spec(data.task, data))
+    info = init_head(model, tokenizer, "topic", data, 32, "probe")
+    assert info["probe_C"] in (0.01, 0.1, 1.0) and 0.0 <= info["probe_val_accuracy"] <= 1.0
+    model.eval()
+    x = _codes(model, tokenizer, data.train, data, 32)
+    y = [data.labels.index(e.label) for e in data.train]
+    mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
+    clf = LogisticRegression(C=info["probe_C"], max_iter=2000).fit(((x - mu) / sd).numpy(), y)
+    # The head on raw codes gives the same decisions as the probe on standardised codes.
+    with torch.no_grad():
+        logits = model.heads["topic"](x)
+    expected = clf.decision_function(((x - mu) / sd).numpy())
+    assert np.allclose(logits.numpy() - logits.numpy().mean(1, keepdims=True),
+                       expected - expected.mean(1, keepdims=True), atol=1e-3)
+    assert (logits.argmax(1).numpy() == clf.predict(((x - mu) / sd).numpy())).all()
+
+
+def test_the_starting_point_is_validated_at_step_0_and_can_be_selected(pretrained, sample_dir, tmp_path):
+    out = tmp_path / "run"
+    summary = finetune(pretrained, out, {"tasks.0.data": str(sample_dir), "train.lr": 0.0,
+                                         "finetune.patience": 0, "finetune.max_steps": 23})
+    vals = [r for r in log_rows(out) if "val_accuracy" in r]
+    assert vals[0]["step"] == 0 and vals[-1]["step"] == 23
+    # The probe-initialised head is already better than chance on the 4 sample labels before any step.
+    assert vals[0]["val_accuracy"] > 0.4
+    assert summary["validation"]["val_accuracy"] == max(r["val_accuracy"] for r in vals)

@@ -94,3 +94,26 @@ def test_ddp_two_cpu_processes(tmp_path, sample_dir):
     vals = val_losses(out)
     assert len(vals) == 2 and vals[1] < vals[0]
     assert sora.load(out).embed(["hello"]).shape == (1, 16)
+
+
+def test_contrastive_objective_adds_to_reconstruction_and_learns(tmp_path, sample_dir):
+    from sora.config import load_recipe
+    from sora.train.pretrain import run_pretrain
+
+    out = tmp_path / "run"
+    recipe = load_recipe(None, {
+        "data.train": str(sample_dir / "train.jsonl"), "output": str(out), "train.max_steps": 60,
+        "model.dim": 32, "model.ffn_dim": 64, "model.layers": 1, "model.heads": 2, "model.code_dim": 16,
+        "model.decoder_layers": 1, "train.warmup_steps": 2, "tokenizer.vocab_size": 400, "data.batch_size": 16,
+        "data.max_length": 32, "train.lr": 3e-3, "train.progress": False, "train.device": "cpu",
+        "objectives": [{"name": "reconstruct", "noise": "delete", "ratio": 0.6},
+                       {"name": "contrastive", "noise": "delete", "ratio": 0.3, "weight": 0.5}]})
+    run_pretrain(recipe)
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    assert {"reconstruct_delete", "contrastive"} <= rows[0].keys()
+    for r in rows:  # L = Σ α_t L_t
+        assert r["loss"] == pytest.approx(r["reconstruct_delete"] + 0.5 * r["contrastive"], rel=1e-5)
+    first = np.mean([r["contrastive"] for r in rows[:10]])
+    last = np.mean([r["contrastive"] for r in rows[-10:]])
+    assert last < first - 0.5, (first, last)  # it tells the sentences of a batch apart better and better

@@ -64,10 +64,11 @@ class ModelConfig(_Strict):
 
 
 class ObjectiveConfig(_Strict):
-    name: Literal["reconstruct", "mlm"] = "reconstruct"
+    name: Literal["reconstruct", "mlm", "contrastive"] = "reconstruct"
     weight: float = Field(1.0, gt=0)
     noise: Literal["none", "delete", "mask", "span", "shuffle"] = "delete"
     ratio: float = Field(0.6, ge=0.0, lt=1.0)
+    temperature: float = Field(0.05, gt=0)  # contrastive only
 
 
 class TrainConfig(_Strict):
@@ -191,7 +192,9 @@ class FinetuneConfig(_Strict):
     init: str | None = None  # a Sora checkpoint / run dir, or a local HF encoder (e.g. all-MiniLM-L6-v2)
     layer_lr_decay: float = Field(1.0, gt=0, le=1.0)  # lr × decay^(depth from the top) per encoder layer
     head_lr_multiplier: float = Field(1.0, gt=0)
-    prototype_init: bool = True  # start classification heads as nearest-class-mean classifiers
+    # How classification heads start: "probe" fits a logistic regression on the initial (frozen) codes, so
+    # fine-tuning starts where a linear probe ends (LP-FT); "prototype" uses nearest class means; "zero" none.
+    head_init: Literal["probe", "prototype", "zero"] = "probe"
     gradual_unfreeze: bool = False  # train the head first, then unfreeze one layer from the top per epoch
     epochs: float = Field(5.0, gt=0)
     max_steps: int | None = None  # overrides epochs

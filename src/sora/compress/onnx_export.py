@@ -88,16 +88,20 @@ def export_onnx(model: SoraModel, path: str | Path, sample: dict[str, torch.Tens
         names.append(INPUTS[2])
     axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"code": {0: "batch"}}
     kinds = ["sdpa", "math"] if attention == "auto" else [attention]
-    for i, kind in enumerate(kinds):
-        try:
-            with _attention(kind), warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python branches
-                torch.onnx.export(module, tuple(args), str(path), input_names=names, output_names=["code"],
-                                  dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
-            return kind
-        except Exception:
-            if i == len(kinds) - 1:
-                raise
+    model.encoder.unpad = False  # a traced graph must not depend on this sample's padding
+    try:
+        for i, kind in enumerate(kinds):
+            try:
+                with _attention(kind), warnings.catch_warnings(), torch.no_grad():
+                    warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python branches
+                    torch.onnx.export(module, tuple(args), str(path), input_names=names, output_names=["code"],
+                                      dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+                return kind
+            except Exception:
+                if i == len(kinds) - 1:
+                    raise
+    finally:
+        model.encoder.unpad = True
     raise AssertionError("unreachable")
 
 

@@ -7,9 +7,35 @@ Attention goes through ``F.scaled_dot_product_attention``, which picks a fused k
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass
+class Unpad:
+    """Where a padded (B, T) batch's real tokens sit. The encoder keeps only those rows (N, dim) through
+    LayerNorms, projections and feed-forwards, which is most of its work; attention alone needs the padded
+    layout, so it scatters queries, keys and values back in and gathers its output out again."""
+
+    index: torch.Tensor  # (N,) flat positions in B * T
+    batch: int
+    length: int
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> Unpad:
+        return cls(mask.reshape(-1).nonzero().squeeze(1), mask.shape[0], mask.shape[1])
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, d) → (B, T, d), zeros at padding."""
+        out = x.new_zeros(self.batch * self.length, x.shape[-1]).index_copy(0, self.index, x)
+        return out.view(self.batch, self.length, -1)
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) → (N, d)."""
+        return x.reshape(self.batch * self.length, -1).index_select(0, self.index)
 
 
 class Attention(nn.Module):
@@ -34,20 +60,23 @@ class Attention(nn.Module):
         return x.view(b, t, self.heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, memory: torch.Tensor | None = None,
-                causal: bool = False) -> torch.Tensor:
-        """``mask``: bool (B, 1, 1 or T, S), True where attention is allowed."""
+                causal: bool = False, unpad: Unpad | None = None) -> torch.Tensor:
+        """``mask``: bool (B, 1, 1 or T, S), True where attention is allowed. With ``unpad``, ``x`` and the
+        result are the real tokens only (N, dim)."""
         if self.cross:
             q = self.q(x)
             k, v = self.kv(memory).chunk(2, dim=-1)
         else:
-            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            qkv = self.qkv(x)
+            q, k, v = (unpad.pad(qkv) if unpad is not None else qkv).chunk(3, dim=-1)
         q, k, v = self._split(q), self._split(k), self._split(v)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
             is_causal=causal and mask is None,
         )
         b, h, t, hd = y.shape
-        return self.out(y.transpose(1, 2).reshape(b, t, h * hd))
+        y = y.transpose(1, 2).reshape(b, t, h * hd)
+        return self.out(unpad.unpad(y) if unpad is not None else y)
 
 
 class FeedForward(nn.Module):
@@ -80,8 +109,8 @@ class Block(nn.Module):
             return x + self.drop(fn(norm(x)))
         return norm(x + self.drop(fn(x)))
 
-    def forward(self, x, mask=None, memory=None, memory_mask=None, causal=False):
-        x = self._residual(x, self.attn_norm, lambda h: self.attn(h, mask, causal=causal))
+    def forward(self, x, mask=None, memory=None, memory_mask=None, causal=False, unpad=None):
+        x = self._residual(x, self.attn_norm, lambda h: self.attn(h, mask, causal=causal, unpad=unpad))
         if self.cross is not None:
             x = self._residual(x, self.cross_norm, lambda h: self.cross(h, memory_mask, memory=memory))
         return self._residual(x, self.ffn_norm, self.ffn)
@@ -123,13 +152,21 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(Block(dim, h, ffn_dim, dropout, norm, eps=eps, head_dim=dim // heads)
                                     for h in counts)
         self.final_norm = None if post else nn.LayerNorm(dim, eps=eps)
+        self.unpad = True  # off for export: an ONNX graph needs static-rank shapes, not data-dependent ones
 
     def forward(self, ids, mask, type_ids=None):
+        """Token states (B, T, dim); zeros at padding when the batch was unpadded."""
         x = self.embeddings(ids, type_ids)
         attn_mask = mask[:, None, None, :]
+        # Skip padding when there is enough of it to pay for the gather / scatter around attention.
+        unpad = Unpad.of(mask) if self.unpad and mask.numel() and mask.sum() < 0.9 * mask.numel() else None
+        if unpad is not None:
+            x = unpad.unpad(x)
         for layer in self.layers:
-            x = layer(x, attn_mask)
-        return self.final_norm(x) if self.final_norm is not None else x
+            x = layer(x, attn_mask, unpad=unpad)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return unpad.pad(x) if unpad is not None else x
 
 
 class Decoder(nn.Module):

@@ -2,12 +2,15 @@
 
 - ``Reconstruction(noise="none")`` is L_AE: rebuild the sentence from its clean encoding.
 - ``Reconstruction(noise="delete", ratio=0.6)`` is L_SP (TSDAE): rebuild it from a corrupted one.
+- ``Contrastive`` pulls the codes of two corruptions of one sentence together and pushes the other
+  sentences of the batch away (InfoNCE, as unsupervised SimCSE, with deletion as the augmentation).
 - ``MaskedLM`` predicts masked tokens from the encoder states (optional, BERT-style).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sora.config import ObjectiveConfig
@@ -48,9 +51,37 @@ class MaskedLM(nn.Module):
         return model.mlm_loss(masked, mask, labels)
 
 
+class Contrastive(nn.Module):
+    """InfoNCE between two noisy views of each sentence, symmetric, cosine / ``temperature``.
+
+    Why beside reconstruction: from scratch, the decoder first learns the language's word frequencies,
+    and the shared gradient of that lesson drags every code the same way; the codes collapse onto a few
+    directions (measured: effective rank 3 of 256 after 2,000 steps, worse than a random encoder in a
+    probe; neither untying the output embedding nor a bag-of-words loss on the code prevented it).
+    InfoNCE's uniformity term makes a collapsed code costly (effective rank 16 after 1,000 steps).
+    """
+
+    def __init__(self, noise: str = "delete", ratio: float = 0.3, temperature: float = 0.05, prefix: str = ""):
+        super().__init__()
+        self.noise, self.ratio, self.temperature, self.prefix = NOISE[noise], ratio, temperature, prefix
+
+    def forward(self, model: SoraModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids, mask = batch[self.prefix + "input_ids"], batch[self.prefix + "attention_mask"]
+        if ids.shape[0] < 2:  # no other sentence to contrast with
+            return model.encoder.embeddings.word.weight.sum() * 0.0
+        specials = _specials(model, ids.device)
+        views = [self.noise(ids, mask, self.ratio, specials, model.cfg.mask_id) for _ in range(2)]
+        u, v = (F.normalize(model.embed(i, m), dim=-1) for i, m in views)
+        logits = (u @ v.T).float() / self.temperature
+        target = torch.arange(len(u), device=u.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
 def build_objective(cfg: ObjectiveConfig, prefix: str = "") -> nn.Module:
     if cfg.name == "reconstruct":
         return Reconstruction(cfg.noise, cfg.ratio, prefix)
+    if cfg.name == "contrastive":
+        return Contrastive(cfg.noise, cfg.ratio, cfg.temperature, prefix)
     if cfg.name == "mlm":
         return MaskedLM(cfg.ratio)
     raise ValueError(f"unknown objective {cfg.name!r}")

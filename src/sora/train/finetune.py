@@ -89,32 +89,69 @@ def task_metrics(spec: HeadSpec, scores: np.ndarray, data_examples, thresholds: 
 
 
 @torch.no_grad()
-def prototype_init(model: SoraModel, tokenizer: SoraTokenizer, name: str, data: TaskData, max_length: int) -> None:
-    """Set a classification head to the nearest-class-mean rule on the initial codes.
-
-    logit_c = -a/2 ||x - mu_c||^2 + const = a (mu_c - m)·(x - m) - a/2 ||mu_c - m||^2, with m the mean code
-    and a scaled so typical logit gaps are about one. With 8 labels per class, a head starting at zero
-    barely moves in a few dozen steps; starting from the prototypes it begins where a centroid classifier is.
-    """
-    spec = model.head_specs[name]
-    if spec.type not in ("classification", "pair") or spec.siamese:
-        return
+def _codes(model: SoraModel, tokenizer: SoraTokenizer, examples, data: TaskData, max_length: int) -> torch.Tensor:
     from sora.data.tasks import make_batch
 
+    enc = encode_examples(examples, data.pair, data.task.pair_mode, tokenizer, max_length)
+    return torch.cat([model.embed(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
+                      for b in (make_batch(enc[i:i + 64], tokenizer.pad_id) for i in range(0, len(enc), 64))])
+
+
+@torch.no_grad()
+def init_head(model: SoraModel, tokenizer: SoraTokenizer, name: str, data: TaskData, max_length: int,
+              how: str) -> dict[str, float]:
+    """Start a classification head from the initial codes instead of from noise.
+
+    With 8 labels per class a head starting at random barely moves in a few dozen steps, and its early
+    gradients push the encoder around at random. ``prototype``: the nearest-class-mean rule,
+    logit_c = a (mu_c - m)·(x - m) - a/2 ||mu_c - m||^2 with m the mean code and a scaled so typical logit gaps
+    are about one. ``probe``: a logistic regression on the standardised codes, C picked on validation (LP-FT,
+    Kumar et al. 2022), folded back into the head's weights. Returns what was chosen.
+    """
+    spec = model.head_specs[name]
+    if how == "zero" or spec.type not in ("classification", "pair") or spec.siamese:
+        return {}
     was = model.training
     model.eval()
-    enc = encode_examples(data.train, data.pair, data.task.pair_mode, tokenizer, max_length)
-    codes = torch.cat([model.embed(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
-                       for b in (make_batch(enc[i:i + 64], tokenizer.pad_id) for i in range(0, len(enc), 64))])
+    x = _codes(model, tokenizer, data.train, data, max_length)
     y = label_tensor(data.train, spec.type, spec.labels)
-    m = codes.mean(0)
-    mus = torch.stack([codes[y == c].mean(0) if (y == c).any() else m for c in range(len(spec.labels or []))])
-    spread = ((codes - mus[y]) ** 2).sum(1).mean().clamp(min=1e-6)
-    a = 2.0 / spread
+    n_labels = len(spec.labels or [])
     head = model.heads[name].out
-    head.weight.copy_(a * (mus - m))
-    head.bias.copy_(-a * ((mus - m) * m).sum(1) - 0.5 * a * ((mus - m) ** 2).sum(1))
+    info: dict[str, float] = {}
+    if how == "prototype" or len(set(y.tolist())) < 2:
+        m = x.mean(0)
+        mus = torch.stack([x[y == c].mean(0) if (y == c).any() else m for c in range(n_labels)])
+        a = 2.0 / ((x - mus[y]) ** 2).sum(1).mean().clamp(min=1e-6)
+        head.weight.copy_(a * (mus - m))
+        head.bias.copy_(-a * ((mus - m) * m).sum(1) - 0.5 * a * ((mus - m) ** 2).sum(1))
+    else:
+        from sklearn.linear_model import LogisticRegression
+
+        mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
+        xs = ((x - mu) / sd).numpy()
+        xv = yv = None
+        if data.validation:
+            xv = ((_codes(model, tokenizer, data.validation, data, max_length) - mu) / sd).numpy()
+            yv = label_tensor(data.validation, spec.type, spec.labels).numpy()
+        best = None
+        for c in (0.01, 0.1, 1.0) if xv is not None else (0.1,):
+            clf = LogisticRegression(C=c, max_iter=2000).fit(xs, y.numpy())
+            acc = float((clf.predict(xv) == yv).mean()) if xv is not None else 0.0
+            if best is None or acc > best[0]:
+                best = (acc, c, clf)
+        acc, c, clf = best
+        coef, bias = torch.as_tensor(clf.coef_, dtype=torch.float), torch.as_tensor(clf.intercept_, dtype=torch.float)
+        if len(clf.classes_) == 2:  # sklearn keeps one row (class 1 vs 0): split it symmetrically
+            coef, bias = torch.stack([-coef[0] / 2, coef[0] / 2]), torch.stack([-bias[0] / 2, bias[0] / 2])
+        w = torch.zeros(n_labels, x.shape[1])
+        b = torch.full((n_labels,), -10.0)  # classes absent from the training sample: never predicted at first
+        rows = torch.as_tensor(clf.classes_, dtype=torch.long)
+        w[rows], b[rows] = coef / sd, bias - (coef / sd) @ mu
+        head.weight.copy_(w.to(head.weight))
+        head.bias.copy_(b.to(head.bias))
+        info = {"probe_C": c, "probe_val_accuracy": acc}
     model.train(was)
+    return info
 
 
 def layer_lr_scale(model: SoraModel, decay: float, head_multiplier: float):
@@ -191,8 +228,7 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
         model, tokenizer, _ = init_model(fcfg.init, recipe)
         for name, data in tasks:
             add_head(model, name, head_spec(data.task, data))
-            if fcfg.prototype_init:
-                prototype_init(model, tokenizer, name, data, d.max_length)
+            init_head(model, tokenizer, name, data, d.max_length, fcfg.head_init)
         multi = len(tasks) > 1
         objectives: dict[str, tuple[float, torch.nn.Module]] = {
             name: (data.task.weight, TaskLoss(name, data.task.type, class_weights(data), f"{name}/" if multi else "",
@@ -249,7 +285,8 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
         info = {"recipe": recipe.model_dump(), "kind": "finetune"}
         state = fit(model, tokenizer, objectives, batches, train_cfg, out, dist, info=info, resume=resume,
                     lr_scale=layer_lr_scale(model, fcfg.layer_lr_decay, fcfg.head_lr_multiplier),
-                    evaluate=selector, on_step=on_step)
+                    evaluate=selector, on_step=on_step,
+                    evaluate_first=True)  # the starting point is a candidate: fine-tuning must beat it to count
         summary: dict[str, Any] = {"output": str(out), "steps": state.step, "elapsed_s": round(state.elapsed_s, 1)}
         if dist.is_main:
             if selector.best_state is not None:

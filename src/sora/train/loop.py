@@ -131,11 +131,13 @@ def fit(
     lr_scale: Callable[[str], float] | None = None,
     evaluate: Callable[[SoraModel], dict[str, float]] | None = None,
     on_step: Callable[[TrainState, SoraModel], None] | None = None,
+    evaluate_first: bool = False,
 ) -> TrainState:
     """Train until ``max_steps`` or ``max_minutes``. ``train_batches(epoch)`` yields this rank's batches.
 
     ``evaluate(model)`` (optional) adds metrics at each validation; ``on_step`` sees the state after each
-    optimizer step (early stopping and gradual unfreezing hook in here).
+    optimizer step (early stopping and gradual unfreezing hook in here). ``evaluate_first`` also validates
+    the untrained model (logged as step 0), so model selection can keep the starting point.
     """
     out = Path(out_dir)
     device = dist.device
@@ -166,6 +168,13 @@ def fit(
     window_tokens, window_t = 0, time.perf_counter()
     micro, losses_acc = 0, {}
     done = state.step >= cfg.max_steps
+    if evaluate_first and state.step == 0 and dist.is_main and (val_batches or evaluate):
+        unit.eval()
+        metrics = validate(unit, val_batches or [], cfg.seed, device, amp)
+        if evaluate:
+            metrics.update(evaluate(model))
+        state.history.append({"step": 0, **metrics})
+        log.write({"step": 0, **metrics})
     unit.train()
     while not done:
         produced = False

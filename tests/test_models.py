@@ -1,0 +1,67 @@
+"""The model's core: the MiniLM import reproduces transformers, and skipping padding inside the encoder
+changes neither the codes nor the gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sora.config import ModelConfig
+from sora.models.autoencoder import SoraModel
+from sora.text.tokenizer import SoraTokenizer, train_tokenizer
+from sora.train.pretrain import build_model
+
+TEXTS = ["a gripping, funny film", "the parcel never arrived and nobody answered my three emails about it",
+         "ok", "银行卡被扣了两次费用", "shares of the company rose 4% after the quarterly report beat estimates"]
+
+
+def _batch(tokenizer: SoraTokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
+    from sora.data.batching import collate
+
+    return collate(tokenizer.encode(texts, 64), tokenizer.pad_id)
+
+
+def _codes(model: SoraModel, batch: dict[str, torch.Tensor], unpad: bool) -> torch.Tensor:
+    model.encoder.unpad = unpad
+    try:
+        return model.embed(batch["input_ids"], batch["attention_mask"])
+    finally:
+        model.encoder.unpad = True
+
+
+def test_minilm_import_matches_transformers_with_and_without_unpadding():
+    transformers = pytest.importorskip("transformers")
+    from sora.models.hf_import import resolve_backbone
+
+    path = resolve_backbone("all-MiniLM-L6-v2")
+    tokenizer = SoraTokenizer.load(path)
+    model = build_model(ModelConfig(backbone=str(path), code_dim=None, decoder_layers=0), tokenizer).eval()
+    hf = transformers.AutoModel.from_pretrained(str(path)).eval()
+    batch = _batch(tokenizer, TEXTS)
+    assert batch["attention_mask"].float().mean() < 0.9  # padded enough for the unpadded path to run
+    with torch.no_grad():
+        states = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long()).last_hidden_state
+        m = batch["attention_mask"].unsqueeze(-1).float()
+        reference = (states * m).sum(1) / m.sum(1)
+        for unpad in (True, False):
+            torch.testing.assert_close(_codes(model, batch, unpad), reference, atol=2e-5, rtol=1e-4)
+
+
+def test_unpadded_encoder_gives_the_same_codes_and_gradients():
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer(TEXTS * 4, vocab_size=300)
+    model = SoraModel(ModelConfig(vocab_size=tokenizer.vocab_size, dim=32, layers=2, heads=2, ffn_dim=64,
+                                  code_dim=16, decoder_layers=1, dropout=0.0))
+    batch = _batch(tokenizer, TEXTS)
+    grads = []
+    for unpad in (True, False):
+        model.zero_grad()
+        code = _codes(model, batch, unpad)
+        loss = code.pow(2).sum() + model.reconstruction_loss(code, batch["input_ids"], batch["attention_mask"])
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(_codes(model, batch, True), _codes(model, batch, False), atol=1e-5, rtol=1e-4)
