@@ -138,6 +138,12 @@ SORA_CANDIDATES: dict[str, dict[str, Any]] = {
 # codes (finetune.head_init=probe, LP-FT) and validates the starting point as a candidate (step 0).
 for _opts in SORA_CANDIDATES.values():
     _opts.setdefault("head_init", "probe")
+# Pairs (sick, mrpc): cross-encode "[CLS] a [SEP] b [SEP]" or siamese [u, v, |u-v|, u*v] over the codes, chosen
+# once for all pair datasets by mean validation accuracy in the sweep (system "sora_pair"; PAIR_MODE below).
+PAIR_CANDIDATES: dict[str, dict[str, Any]] = {
+    "cross": {**SORA_CANDIDATES["supcon_hot"], "pair_mode": "cross"},
+    "siamese": {**SORA_CANDIDATES["supcon_hot"], "pair_mode": "siamese"},
+}
 HF_CANDIDATES = (2e-5, 5e-5, 1e-4, 2e-4)
 SCRATCH_CANDIDATES = (2e-4, 5e-4)
 
@@ -154,6 +160,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 HF_LR = {"8": 2e-4, "64": 2e-4, "full": 2e-4}
 SCRATCH_LR = {"8": 2e-4, "64": 2e-4, "full": 2e-4}
+PAIR_MODE = "cross"
 RECIPE_SOURCE = {"8": "sweep: trec regime 8 validation (accuracy.sweep.json), best of 4",
                  "64": "not swept: regime 8's choice", "full": "not swept: regime 8's choice"}
 
@@ -298,7 +305,8 @@ def sora_recipe(run: Run, init: str, opts: dict[str, Any], out: Path) -> Finetun
             "layer_lr_decay": opts.get("layer_lr_decay", 1.0),
             "aux_denoise_weight": aux, "unlabeled": str(run.unlabeled) if aux > 0 else None},
         "tasks": [_task(run.dataset, data=str(run.split.directory),
-                        contrastive_weight=opts.get("contrastive_weight", 0.0)).model_dump()],
+                        contrastive_weight=opts.get("contrastive_weight", 0.0),
+                        pair_mode=opts.get("pair_mode", PAIR_MODE)).model_dump()],
         "train": {"lr": opts["lr"], "warmup_steps": 0, "eval_every": run.eval_every, "save_every": 0,
                   "keep_checkpoints": 1, "progress": False, "device": str(run.device)},
     })
@@ -580,11 +588,13 @@ def summarise(cell: dict[str, Any], planned: int) -> None:
     cell.pop("reason", None)
 
 
-def cell_config(config: dict[str, Any], regime: str, system: str) -> dict[str, Any]:
+def cell_config(config: dict[str, Any], regime: str, system: str, dataset: str = "") -> dict[str, Any]:
     """What decides a cell's runs: the data caps and budget, plus the system's own recipe / lr for the regime."""
     out = {k: config.get(k) for k in ("max_test", "max_val", "max_length", "budget", "device")}
     if system in ("sora", "sora_scratch"):
         out["recipe"] = (config.get("recipes") or {}).get(regime)
+        if dataset in DATASETS and DATASETS[dataset].pair and config.get("pair_mode", "cross") != "cross":
+            out["pair_mode"] = config["pair_mode"]
     if system == "hf_trainer":
         out["lr"] = (config.get("hf_lr") or {}).get(regime)
     if system == "sora_scratch":
@@ -658,7 +668,8 @@ def sweep(args: argparse.Namespace, device: torch.device, budgets: dict[str, Any
             run.split.test = []  # selection never predicts the test set
             trials: list[tuple[str, str, dict[str, Any]]] = []
             if "sora" in args.systems:
-                trials += [("sora", k, {"sora_opts": v}) for k, v in SORA_CANDIDATES.items()]
+                trials += [("sora_pair" if ds.pair else "sora", k, {"sora_opts": v})
+                           for k, v in (PAIR_CANDIDATES if ds.pair else SORA_CANDIDATES).items()]
             if "hf_trainer" in args.systems:
                 trials += [("hf_trainer", f"lr={lr:g}", {"hf_lr": lr}) for lr in HF_CANDIDATES]
             if "sora_scratch" in args.systems:
@@ -671,7 +682,7 @@ def sweep(args: argparse.Namespace, device: torch.device, budgets: dict[str, Any
                     continue
                 run.extra.update({"sora_opts": None, "hf_lr": None, "scratch_lr": None, **extra})
                 log(f"sweep {regime} {name} {system} {key}")
-                r = RUNNERS[system](run)
+                r = RUNNERS["sora" if system == "sora_pair" else system](run)
                 log(f"  val {r['val_accuracy']:.4f} (test not used) in {r['seconds']:.0f}s")
                 res.setdefault(system, {}).setdefault(name, {})[key] = {
                     "val_accuracy": round(r["val_accuracy"], 4), "seconds": round(r["seconds"], 1), "steps": r["steps"]}
@@ -765,13 +776,13 @@ def main(argv: list[str] | None = None) -> None:
     path = Path(args.out).resolve() if args.out else RESULTS / (f"{NAME}.quick.json" if args.quick else f"{NAME}.json")
     config = {"max_test": args.max_test, "max_val": args.max_val, "max_length": args.max_length,
               "budget": args.budget or device.type, "device": device.type, "recipes": RECIPES, "hf_lr": HF_LR,
-              "scratch_lr": SCRATCH_LR, "scratch_recipe": scratch_recipe_id()}
+              "scratch_lr": SCRATCH_LR, "scratch_recipe": scratch_recipe_id(), "pair_mode": PAIR_MODE}
     results = empty_grid(args)
     for name in args.datasets:
         for regime in args.regimes:
             for system in args.systems:
                 if "runs" in results[name][regime][system]:
-                    results[name][regime][system]["config"] = cell_config(config, regime, system)
+                    results[name][regime][system]["config"] = cell_config(config, regime, system, name)
     pretraining: dict[str, Any] = {}
     invocations: list[dict[str, Any]] = []  # earlier runs whose results a --resume kept
     if args.resume and path.is_file():
@@ -786,7 +797,7 @@ def main(argv: list[str] | None = None) -> None:
                         continue
                     # A cell's runs are kept only if what decides them (caps, budget, its recipe / lr) is unchanged.
                     old_config = before.get("config") or cell_config(old.get("meta", {}).get("config", {}), regime,
-                                                                     system)
+                                                                     system, name)
                     if json.loads(json.dumps(old_config)) == json.loads(json.dumps(cell["config"])):
                         cell["runs"] = before["runs"]
                         summarise(cell, 1 if regime == "full" else args.seeds)

@@ -114,13 +114,14 @@ def main() -> None:
     ap.add_argument("--adapt-steps", type=int, default=None, help="a step budget for (d) instead of minutes")
     ap.add_argument("--probe-train", type=int, default=5000, help="labeled examples for the probe")
     ap.add_argument("--max-test", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep datasets already in the results file")
     ap.add_argument("--out", default=str(ROOT / "runs" / "probe"))
     args = ap.parse_args()
     if args.quick:
         args.minutes, args.probe_train, args.max_test, args.datasets = 0.15, 300, 200, "trec"
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     out_root = Path(args.out)
     results: dict = {"datasets": {}, "minutes_per_pretraining": args.minutes, "probe_train": args.probe_train,
                      "scratch_steps": args.scratch_steps, "adapt_steps": args.adapt_steps,

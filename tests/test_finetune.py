@@ -574,7 +574,7 @@ def test_probe_head_init_is_the_logistic_regression_folded_into_the_head(pretrai
 
     from sora.models.checkpoint import load_checkpoint
     from sora.models.heads import add_head
-    from sora.train.finetune import _codes, head_spec, init_head
+    from sora.train.finetune import _features, head_spec, init_head
 
     model, tokenizer, _ = load_checkpoint(pretrained / "model")
     data = load_task(TaskConfig(name="topic", type="classification", data=str(sample_dir)), seed=1)
@@ -582,7 +582,7 @@ def test_probe_head_init_is_the_logistic_regression_folded_into_the_head(pretrai
     info = init_head(model, tokenizer, "topic", data, 32, "probe")
     assert info["probe_C"] in (0.01, 0.1, 1.0) and 0.0 <= info["probe_val_accuracy"] <= 1.0
     model.eval()
-    x = _codes(model, tokenizer, data.train, data, 32)
+    x = _features(model, tokenizer, "topic", data.train, data, 32)
     y = [data.labels.index(e.label) for e in data.train]
     mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
     clf = LogisticRegression(C=info["probe_C"], max_iter=2000).fit(((x - mu) / sd).numpy(), y)

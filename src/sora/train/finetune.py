@@ -27,7 +27,7 @@ from sora.data.tasks import TaskData, encode_examples, label_tensor, load_task
 from sora.errors import ConfigError
 from sora.models.autoencoder import SoraModel
 from sora.models.checkpoint import is_sora_checkpoint, load_checkpoint, save_checkpoint
-from sora.models.heads import HeadSpec, add_head
+from sora.models.heads import HeadSpec, add_head, head_features
 from sora.objectives import TaskLoss, build_objective
 from sora.text.tokenizer import SoraTokenizer
 from sora.train.distributed import setup, teardown
@@ -89,12 +89,15 @@ def task_metrics(spec: HeadSpec, scores: np.ndarray, data_examples, thresholds: 
 
 
 @torch.no_grad()
-def _codes(model: SoraModel, tokenizer: SoraTokenizer, examples, data: TaskData, max_length: int) -> torch.Tensor:
+def _features(model: SoraModel, tokenizer: SoraTokenizer, name: str, examples, data: TaskData,
+              max_length: int) -> torch.Tensor:
+    """What head ``name`` reads for ``examples``: the codes, or [u, v, |u-v|, u*v] for a siamese pair head."""
     from sora.data.tasks import make_batch
 
+    spec = model.head_specs[name]
     enc = encode_examples(examples, data.pair, data.task.pair_mode, tokenizer, max_length)
-    return torch.cat([model.embed(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
-                      for b in (make_batch(enc[i:i + 64], tokenizer.pad_id) for i in range(0, len(enc), 64))])
+    return torch.cat([head_features(model, spec, make_batch(enc[i:i + 64], tokenizer.pad_id))
+                      for i in range(0, len(enc), 64)])
 
 
 @torch.no_grad()
@@ -109,11 +112,11 @@ def init_head(model: SoraModel, tokenizer: SoraTokenizer, name: str, data: TaskD
     Kumar et al. 2022), folded back into the head's weights. Returns what was chosen.
     """
     spec = model.head_specs[name]
-    if how == "zero" or spec.type not in ("classification", "pair") or spec.siamese:
+    if how == "zero" or spec.type not in ("classification", "pair"):
         return {}
     was = model.training
     model.eval()
-    x = _codes(model, tokenizer, data.train, data, max_length)
+    x = _features(model, tokenizer, name, data.train, data, max_length)
     y = label_tensor(data.train, spec.type, spec.labels)
     n_labels = len(spec.labels or [])
     head = model.heads[name].out
@@ -131,7 +134,7 @@ def init_head(model: SoraModel, tokenizer: SoraTokenizer, name: str, data: TaskD
         xs = ((x - mu) / sd).numpy()
         xv = yv = None
         if data.validation:
-            xv = ((_codes(model, tokenizer, data.validation, data, max_length) - mu) / sd).numpy()
+            xv = ((_features(model, tokenizer, name, data.validation, data, max_length) - mu) / sd).numpy()
             yv = label_tensor(data.validation, spec.type, spec.labels).numpy()
         best = None
         for c in (0.01, 0.1, 1.0) if xv is not None else (0.1,):
