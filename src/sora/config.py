@@ -195,6 +195,7 @@ class FinetuneConfig(_Strict):
     # How classification heads start: "probe" fits a logistic regression on the initial (frozen) codes, so
     # fine-tuning starts where a linear probe ends (LP-FT); "prototype" uses nearest class means; "zero" none.
     head_init: Literal["probe", "prototype", "zero"] = "probe"
+    probe_c: list[float] = [0.01, 0.1, 1.0, 10.0, 100.0]  # inverse regularisation strengths tried on validation
     gradual_unfreeze: bool = False  # train the head first, then unfreeze one layer from the top per epoch
     epochs: float = Field(5.0, gt=0)
     max_steps: int | None = None  # overrides epochs

@@ -102,7 +102,7 @@ def _features(model: SoraModel, tokenizer: SoraTokenizer, name: str, examples, d
 
 @torch.no_grad()
 def init_head(model: SoraModel, tokenizer: SoraTokenizer, name: str, data: TaskData, max_length: int,
-              how: str) -> dict[str, float]:
+              how: str, c_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)) -> dict[str, float]:
     """Start a classification head from the initial codes instead of from noise.
 
     With 8 labels per class a head starting at random barely moves in a few dozen steps, and its early
@@ -137,7 +137,7 @@ def init_head(model: SoraModel, tokenizer: SoraTokenizer, name: str, data: TaskD
             xv = ((_features(model, tokenizer, name, data.validation, data, max_length) - mu) / sd).numpy()
             yv = label_tensor(data.validation, spec.type, spec.labels).numpy()
         best = None
-        for c in (0.01, 0.1, 1.0) if xv is not None else (0.1,):
+        for c in c_grid if xv is not None else (0.1,):
             clf = LogisticRegression(C=c, max_iter=2000).fit(xs, y.numpy())
             acc = float((clf.predict(xv) == yv).mean()) if xv is not None else 0.0
             if best is None or acc > best[0]:
@@ -231,7 +231,7 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
         model, tokenizer, _ = init_model(fcfg.init, recipe)
         for name, data in tasks:
             add_head(model, name, head_spec(data.task, data))
-            init_head(model, tokenizer, name, data, d.max_length, fcfg.head_init)
+            init_head(model, tokenizer, name, data, d.max_length, fcfg.head_init, tuple(fcfg.probe_c))
         multi = len(tasks) > 1
         objectives: dict[str, tuple[float, torch.nn.Module]] = {
             name: (data.task.weight, TaskLoss(name, data.task.type, class_weights(data), f"{name}/" if multi else "",
