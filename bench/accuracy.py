@@ -139,6 +139,7 @@ SORA_CANDIDATES: dict[str, dict[str, Any]] = {
 for _opts in SORA_CANDIDATES.values():
     _opts.setdefault("head_init", "probe")
     _opts.setdefault("probe_c", [0.01, 0.1, 1.0, 10.0, 100.0])  # the grid frozen_lr searches
+    _opts.setdefault("normalize", None)  # auto: MiniLM heads read L2-normalised codes (as frozen_lr's), native not
 # Pairs (sick, mrpc): cross-encode "[CLS] a [SEP] b [SEP]" or siamese [u, v, |u-v|, u*v] over the codes, chosen
 # once for all pair datasets by mean validation accuracy in the sweep (system "sora_pair"; PAIR_MODE below).
 PAIR_CANDIDATES: dict[str, dict[str, Any]] = {
@@ -311,7 +312,8 @@ def sora_recipe(run: Run, init: str, opts: dict[str, Any], out: Path) -> Finetun
             "aux_denoise_weight": aux, "unlabeled": str(run.unlabeled) if aux > 0 else None},
         "tasks": [_task(run.dataset, data=str(run.split.directory),
                         contrastive_weight=opts.get("contrastive_weight", 0.0),
-                        pair_mode=opts.get("pair_mode", PAIR_MODE)).model_dump()],
+                        pair_mode=opts.get("pair_mode", PAIR_MODE),
+                        normalize=opts.get("normalize")).model_dump()],
         "train": {"lr": opts["lr"], "warmup_steps": 0, "eval_every": run.eval_every, "save_every": 0,
                   "keep_checkpoints": 1, "progress": False, "device": str(run.device)},
     })

@@ -480,6 +480,7 @@ def test_layer_lr_decay_with_minilm(tmp_path, sample_dir, monkeypatch):
     assert lr_of["model.decoder.final_norm.weight"] == pytest.approx(lr)  # not an encoder layer: full lr
     model = sora.load(out)
     assert model.info()["layers"] == 6 and model.info()["dim"] == 384
+    assert model.model.head_specs["task"].normalize  # an imported backbone: the head reads normalised codes
     assert model.predict(["the parcel never arrived"])[0]["task"]["label"] in SAMPLE_LABELS
 
 
@@ -579,6 +580,7 @@ def test_probe_head_init_is_the_logistic_regression_folded_into_the_head(pretrai
     model, tokenizer, _ = load_checkpoint(pretrained / "model")
     data = load_task(TaskConfig(name="topic", type="classification", data=str(sample_dir)), seed=1)
     add_head(model, "topic", head_spec(data.task, data))
+    assert not model.head_specs["topic"].normalize  # a native Sora encoder: raw codes (auto)
     info = init_head(model, tokenizer, "topic", data, 32, "probe")
     assert info["probe_C"] in (0.01, 0.1, 1.0, 10.0, 100.0) and 0.0 <= info["probe_val_accuracy"] <= 1.0
     model.eval()

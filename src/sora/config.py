@@ -181,6 +181,10 @@ class TaskConfig(_Strict):
     max_train: int | None = None  # cap the training set (seeded subsample)
     class_weights: bool = False  # inverse-frequency weights against imbalance
     head_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    # The head reads L2-normalised codes. Default (None): yes for an imported or adapted backbone (MiniLM is
+    # trained for cosine similarity; with a probe-initialised head the starting point is then exactly "frozen
+    # embeddings + logistic regression"), no for a native Sora encoder, whose code norm carries information.
+    normalize: bool | None = None
     weight: float = Field(1.0, gt=0)  # α_t when several tasks train together
     contrastive_weight: float = Field(0.0, ge=0)  # + β · supervised contrastive loss on the codes (few labels)
     temperature: float = Field(0.1, gt=0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import nn
 
@@ -24,6 +25,7 @@ class HeadSpec(BaseModel):
     dropout: float = 0.1
     thresholds: list[float] | None = None  # multilabel, tuned on validation
     metric: str = "accuracy"
+    normalize: bool = False  # the head reads L2-normalised codes (siamese: u and v normalised before combining)
 
     @property
     def outputs(self) -> int:
@@ -39,9 +41,14 @@ class Head(nn.Module):
         super().__init__()
         self.drop = nn.Dropout(spec.dropout)
         self.out = nn.Linear(code_dim * (4 if spec.siamese else 1), spec.outputs)
+        self.normalize = spec.normalize and not spec.siamese  # siamese: done in head_features
+
+    def inputs(self, features: torch.Tensor) -> torch.Tensor:
+        """What the linear layer reads (before dropout)."""
+        return F.normalize(features, dim=-1) if self.normalize else features
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.out(self.drop(features))
+        return self.out(self.drop(self.inputs(features)))
 
 
 def add_head(model: SoraModel, name: str, spec: HeadSpec) -> None:
@@ -61,6 +68,8 @@ def head_features(model: SoraModel, spec: HeadSpec, batch: dict[str, torch.Tenso
     if spec.siamese:
         u = model.embed(batch["input_ids"], batch["attention_mask"])
         v = model.embed(batch["b_input_ids"], batch["b_attention_mask"])
+        if spec.normalize:
+            u, v = F.normalize(u, dim=-1), F.normalize(v, dim=-1)
         return torch.cat([u, v, (u - v).abs(), u * v], dim=-1)
     if code is not None:
         return code

@@ -51,9 +51,11 @@ def init_model(init: str | None, recipe: FinetuneRecipe) -> tuple[SoraModel, Sor
     return model, tokenizer, {}
 
 
-def head_spec(task: TaskConfig, data: TaskData) -> HeadSpec:
+def head_spec(task: TaskConfig, data: TaskData, backbone: bool = False) -> HeadSpec:
+    normalize = task.normalize if task.normalize is not None else backbone
     return HeadSpec(type=task.type, pair=data.pair, pair_mode=task.pair_mode, labels=data.labels,
-                    dropout=task.head_dropout, metric=task.metric or DEFAULT_METRIC[task.type])
+                    dropout=task.head_dropout, normalize=normalize,
+                    metric=task.metric or DEFAULT_METRIC[task.type])
 
 
 def class_weights(data: TaskData) -> torch.Tensor | None:
@@ -91,12 +93,13 @@ def task_metrics(spec: HeadSpec, scores: np.ndarray, data_examples, thresholds: 
 @torch.no_grad()
 def _features(model: SoraModel, tokenizer: SoraTokenizer, name: str, examples, data: TaskData,
               max_length: int) -> torch.Tensor:
-    """What head ``name`` reads for ``examples``: the codes, or [u, v, |u-v|, u*v] for a siamese pair head."""
+    """What head ``name``'s linear layer reads for ``examples``: the (normalised) codes, or [u, v, |u-v|, u*v]
+    for a siamese pair head."""
     from sora.data.tasks import make_batch
 
-    spec = model.head_specs[name]
+    spec, head = model.head_specs[name], model.heads[name]
     enc = encode_examples(examples, data.pair, data.task.pair_mode, tokenizer, max_length)
-    return torch.cat([head_features(model, spec, make_batch(enc[i:i + 64], tokenizer.pad_id))
+    return torch.cat([head.inputs(head_features(model, spec, make_batch(enc[i:i + 64], tokenizer.pad_id)))
                       for i in range(0, len(enc), 64)])
 
 
@@ -230,7 +233,7 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
         torch.manual_seed(fcfg.seed)
         model, tokenizer, _ = init_model(fcfg.init, recipe)
         for name, data in tasks:
-            add_head(model, name, head_spec(data.task, data))
+            add_head(model, name, head_spec(data.task, data, backbone=model.cfg.backbone is not None))
             init_head(model, tokenizer, name, data, d.max_length, fcfg.head_init, tuple(fcfg.probe_c))
         multi = len(tasks) > 1
         objectives: dict[str, tuple[float, torch.nn.Module]] = {
