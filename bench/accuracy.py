@@ -795,6 +795,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.resume and path.is_file():
         old = json.loads(path.read_text())
         kept = dropped = 0
+        # Cells outside this run's selection are carried over as they are: a partial re-run never loses them.
+        for name in DATASETS:
+            for regime in REGIMES:
+                for system in SYSTEMS:
+                    selected = name in args.datasets and regime in args.regimes and system in args.systems
+                    before = old.get(name, {}).get(regime, {}).get(system, {})
+                    if not selected and before.get("runs"):
+                        results[name][regime][system] = before
         for name in args.datasets:
             for regime in args.regimes:
                 for system in args.systems:
