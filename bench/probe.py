@@ -121,6 +121,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.minutes, args.probe_train, args.max_test, args.datasets = 0.15, 300, 200, "trec"
+        if args.out == str(ROOT / "runs" / "probe"):  # never reuse (or overwrite) a full run's pretraining
+            args.out = str(ROOT / "runs" / "probe-quick")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     out_root = Path(args.out)
     results: dict = {"datasets": {}, "minutes_per_pretraining": args.minutes, "probe_train": args.probe_train,
