@@ -168,13 +168,20 @@ def fit(
     window_tokens, window_t = 0, time.perf_counter()
     micro, losses_acc = 0, {}
     done = state.step >= cfg.max_steps
-    if evaluate_first and state.step == 0 and dist.is_main and (val_batches or evaluate):
-        unit.eval()
+    def run_validation() -> None:
+        """Validation losses and ``evaluate``'s metrics at ``state.step``, into the history and the log."""
         metrics = validate(unit, val_batches or [], cfg.seed, device, amp)
         if evaluate:
             metrics.update(evaluate(model))
-        state.history.append({"step": 0, **metrics})
-        log.write({"step": 0, **metrics})
+            unit.train()
+        state.history.append({"step": state.step, **metrics})
+        log.write({"step": state.step, **metrics})
+        if cfg.progress:
+            bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    validates = dist.is_main and bool(val_batches or evaluate)
+    if evaluate_first and state.step == 0 and validates:
+        run_validation()
     unit.train()
     while not done:
         produced = False
@@ -230,15 +237,8 @@ def fit(
             over_budget = cfg.max_minutes is not None and state.elapsed_s > cfg.max_minutes * 60
             last = last or any_true(over_budget, dist)
             due = bool(cfg.eval_every and state.step % cfg.eval_every == 0) or last
-            if dist.is_main and due and (val_batches or evaluate):
-                metrics = validate(unit, val_batches or [], cfg.seed, device, amp)
-                if evaluate:
-                    metrics.update(evaluate(model))
-                    unit.train()
-                state.history.append({"step": state.step, **metrics})
-                log.write({"step": state.step, **metrics})
-                if cfg.progress:
-                    bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if due and validates:
+                run_validation()
             if on_step is not None:
                 on_step(state, model)
             state.stop = any_true(state.stop, dist)  # early stopping is decided on rank 0
