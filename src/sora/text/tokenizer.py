@@ -6,14 +6,17 @@ collapses into [UNK]. NFKC normalisation folds full-width forms common in CJK te
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from sora.errors import DataError
+from sora.errors import DataError, SoraWarning
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# Above this share of [UNK] tokens a model reads its data half blind (MiniLM on Chinese reviews: 42%).
+UNKNOWN_WARN_SHARE = 0.05
 
 
 class SoraTokenizer:
@@ -54,6 +57,21 @@ class SoraTokenizer:
         """Cross-encoded pairs: ids and segment ids of ``[CLS] a [SEP] b [SEP]``."""
         self.tk.enable_truncation(max_length)
         return [(enc.ids, enc.type_ids) for enc in self.tk.encode_batch(pairs)]
+
+    def unknown_share(self, texts: Sequence[str], sample: int = 2000) -> float:
+        """The share of the text tokens (specials aside) of the first ``sample`` texts that are [UNK]."""
+        ids = [i for enc in self.tk.encode_batch(list(texts[:sample]), add_special_tokens=False) for i in enc.ids]
+        return sum(i == self.unk_id for i in ids) / max(1, len(ids))
+
+    def warn_unknown(self, texts: Sequence[str], where: str) -> float:
+        """Warn (``SoraWarning``) when this tokenizer cannot read much of ``texts``; returns the share."""
+        share = self.unknown_share(texts)
+        if share > UNKNOWN_WARN_SHARE:
+            warnings.warn(f"{where}: {share:.0%} of the tokens are [UNK] for this tokenizer, so the model cannot "
+                          "read them (a backbone whose vocabulary lacks this script?); pretrain with Sora's own "
+                          "tokenizer on this text (recipes/pretrain-scratch.yaml) or pick a backbone that covers it",
+                          SoraWarning, stacklevel=2)
+        return share
 
     def decode(self, ids: list[int]) -> str:
         return self.tk.decode(ids, skip_special_tokens=True)

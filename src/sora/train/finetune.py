@@ -233,6 +233,9 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
         torch.manual_seed(fcfg.seed)
         model, tokenizer, _ = init_model(fcfg.init, recipe)
         for name, data in tasks:
+            if dist.is_main:
+                tokenizer.warn_unknown([t for ex in data.train for t in (ex.text, ex.text_b) if t],
+                                       f"task {name!r} ({data.task.data})")
             add_head(model, name, head_spec(data.task, data, backbone=model.cfg.backbone is not None))
             init_head(model, tokenizer, name, data, d.max_length, fcfg.head_init, tuple(fcfg.probe_c))
         multi = len(tasks) > 1

@@ -79,6 +79,8 @@ def run_pretrain(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
         tokenizer = build_tokenizer(recipe.tokenizer, recipe.model, corpus, out)
         if dist.enabled and dist.is_main:
             torch.distributed.barrier()
+        if dist.is_main:
+            tokenizer.warn_unknown(list(itertools.islice(corpus, 2000)), f"{recipe.data.train}")
         torch.manual_seed(recipe.train.seed)  # identical initial weights on every rank
         model = build_model(recipe.model, tokenizer)
         objectives = {f"{o.name}_{o.noise}" if o.name == "reconstruct" else o.name: (o.weight, build_objective(o))
