@@ -133,6 +133,8 @@ SORA_CANDIDATES: dict[str, dict[str, Any]] = {
     "supcon_llrd_aux": {"lr": 1e-4, "head_lr_multiplier": 10.0, "contrastive_weight": 0.5, "layer_lr_decay": 0.9,
                         "aux_denoise_weight": 0.3},
     "supcon_hot": {"lr": 2e-4, "head_lr_multiplier": 10.0, "contrastive_weight": 1.0, "layer_lr_decay": 0.8},
+    # Added for the full-data sweep: the few-label recipe without its few-label parts (contrastive term, hot head).
+    "plain": {"lr": 2e-4},
 }
 # Since 2026-11-29 (second session) every candidate starts its head as a logistic-regression probe on the frozen
 # codes (finetune.head_init=probe, LP-FT) and validates the starting point as a candidate (step 0).
@@ -675,8 +677,10 @@ def sweep(args: argparse.Namespace, device: torch.device, budgets: dict[str, Any
             run.split.test = []  # selection never predicts the test set
             trials: list[tuple[str, str, dict[str, Any]]] = []
             if "sora" in args.systems:
+                wanted = args.candidates.split(",") if args.candidates else None
                 trials += [("sora_pair" if ds.pair else "sora", k, {"sora_opts": v})
-                           for k, v in (PAIR_CANDIDATES if ds.pair else SORA_CANDIDATES).items()]
+                           for k, v in (PAIR_CANDIDATES if ds.pair else SORA_CANDIDATES).items()
+                           if wanted is None or k in wanted or ds.pair]
             if "hf_trainer" in args.systems:
                 trials += [("hf_trainer", f"lr={lr:g}", {"hf_lr": lr}) for lr in HF_CANDIDATES]
             if "sora_scratch" in args.systems:
@@ -743,8 +747,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch threads for every system (default: all cores; on an oversubscribed CPU 1 can be faster)")
     p.add_argument("--budget", choices=sorted(BUDGETS), default=None, help="default: the device's (cpu/cuda)")
     p.add_argument("--sweep", action="store_true", help="recipe selection on validation instead of the benchmark")
+    p.add_argument("--candidates", default=None,
+                   help=f"--sweep: only these Sora candidates (of {', '.join(SORA_CANDIDATES)}; default: all)")
     p.add_argument("--out", default=None, help="result file (default: bench/results/accuracy[.quick].json)")
     p.add_argument("--resume", action="store_true", help="keep finished runs of a compatible earlier result file")
+    p.add_argument("--merge", default=None, metavar="A.json,B.json",
+                   help="copy the finished cells of these result files (parallel runs with --out) into --out's file")
     args = p.parse_args(argv)
     if args.quick:
         args.datasets, args.regimes, args.seeds = "trec", "8", 1
@@ -778,6 +786,9 @@ def main(argv: list[str] | None = None) -> None:
         f"regimes {args.regimes}, systems {args.systems}")
     if args.sweep:
         sweep(args, device, budgets)
+        return
+    if args.merge:
+        merge(Path(args.out).resolve() if args.out else RESULTS / f"{NAME}.json", args.merge.split(","))
         return
 
     path = Path(args.out).resolve() if args.out else RESULTS / (f"{NAME}.quick.json" if args.quick else f"{NAME}.json")
@@ -899,6 +910,31 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(results), flush=True)
 
 
+def merge(path: Path, parts: list[str]) -> None:
+    """Parallel runs write their own files (--out); this copies their finished cells into ``path``, keeps every
+    other cell, and records each part's command under meta.earlier_invocations."""
+    results = json.loads(path.read_text())
+    meta = results["meta"]
+    for part in parts:
+        other = json.loads(Path(part).read_text())
+        copied = []
+        for name in DATASETS:
+            for regime in REGIMES:
+                for system in SYSTEMS:
+                    cell = other.get(name, {}).get(regime, {}).get(system, {})
+                    if cell.get("runs"):
+                        results[name][regime][system] = cell
+                        copied.append(f"{name}/{regime}/{system}")
+        meta.setdefault("earlier_invocations", []).append(
+            {"command": other["meta"].get("command"), "wall_s": other["meta"].get("wall_s"), "merged_cells": copied,
+             "load_average_start": other["meta"].get("load_average_start")})
+        meta.setdefault("scratch_pretraining", {}).update(other["meta"].get("scratch_pretraining", {}))
+        log(f"merged {len(copied)} cells from {part}")
+    write_json(path, results)
+    regimes = [r for r in REGIMES if any(results[n][r][s].get("runs") for n in DATASETS for s in SYSTEMS)]
+    print(markdown(results, list(DATASETS), regimes))
+
+
 def notes(args: argparse.Namespace, budgets: dict[str, Any]) -> dict[str, str]:
     return {
         "data": "Every system reads the same files per (dataset, regime, seed): train sampled with "
@@ -919,9 +955,11 @@ def notes(args: argparse.Namespace, budgets: dict[str, Any]) -> dict[str, str]:
                         "(recipes/pretrain-scratch.yaml: own byte-level BPE, 8k vocab, 4 layers, 256-d); the "
                         "pretraining time is in meta.scratch_pretraining, not in 'seconds'.",
         "chinese": "chnsenticorp_htl: MiniLM's (bert-base-uncased) WordPiece vocabulary covers only some Chinese "
-                   "characters: 42% of the tokens of this data are [UNK], so MiniLM-based systems run half blind; "
+                   "characters: 65% of the text tokens of its train split are [UNK] (SoraTokenizer.unknown_share), so "
+                   "MiniLM-based systems run half blind; "
                    "sora_scratch trains its own tokenizer on the text; tfidf_lr uses character 1-3 grams.",
-        "pairs": "sick / mrpc: sora and sora_scratch cross-encode '[CLS] a [SEP] b [SEP]'; hf_trainer the same "
+        "pairs": f"sick / mrpc: sora and sora_scratch run pair_mode {PAIR_MODE!r} (siamese: a head on [u, v, |u-v|, "
+                 "u*v] of the two codes; chosen on validation); hf_trainer cross-encodes '[CLS] a [SEP] b [SEP]' "
                  "with token types; frozen_lr features [u, v, |u-v|, u*v]; tfidf_lr the concatenated text; SetFit "
                  "has no pair mode (not applicable). F1: MRPC binary F1 of 'equivalent', SICK macro F1.",
         "threads": f"every system runs in this one process with the same torch thread count "
