@@ -633,7 +633,7 @@ def empty_grid(args: argparse.Namespace) -> dict[str, Any]:
 def fmt_cell(cell: dict[str, Any], pair: bool) -> str:
     if "mean" not in cell:
         return "n/a" if cell.get("status") == "not_applicable" else "–"
-    s = f"{cell['mean'] * 100:.1f} ± {cell['std'] * 100:.1f}"
+    s = f"{cell['mean'] * 100:.1f}" + (f" ± {cell['std'] * 100:.1f}" if cell.get("n_seeds", 2) > 1 else "")
     if pair:
         s += f" / F1 {cell['f1_mean'] * 100:.1f}"
     if cell.get("status", "").startswith("partial"):
@@ -652,8 +652,8 @@ def markdown(results: dict[str, Any], datasets: list[str], regimes: list[str]) -
             cells = [fmt_cell(row[s], DATASETS[name].pair) for s in SYSTEMS]
             lines.append(f"| {name} | {regime} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("Test accuracy in % (mean ± std over seeds; pairs: / F1, MRPC binary F1 of 'equivalent', SICK macro);"
-                 " – not run, n/a not applicable.")
+    lines.append("Test accuracy in % (mean ± std over seeds; full: 1 seed; pairs: / F1, MRPC binary F1 of 'equivalent',"
+                 " SICK macro); – not run, n/a not applicable.")
     return "\n".join(lines)
 
 
@@ -913,6 +913,9 @@ def main(argv: list[str] | None = None) -> None:
 def merge(path: Path, parts: list[str]) -> None:
     """Parallel runs write their own files (--out); this copies their finished cells into ``path``, keeps every
     other cell, and records each part's command under meta.earlier_invocations."""
+    missing = [str(p) for p in (path, *parts) if not Path(p).is_file()]
+    if missing:
+        raise SystemExit(f"error: --merge: no such result file: {', '.join(missing)}")
     results = json.loads(path.read_text())
     meta = results["meta"]
     for part in parts:
@@ -930,6 +933,9 @@ def merge(path: Path, parts: list[str]) -> None:
              "load_average_start": other["meta"].get("load_average_start")})
         meta.setdefault("scratch_pretraining", {}).update(other["meta"].get("scratch_pretraining", {}))
         log(f"merged {len(copied)} cells from {part}")
+    # The notes describe the bench as the code stands now (the caps and threads the file's runs used).
+    meta["notes"] = notes(argparse.Namespace(max_val=meta["validation_cap"], max_test=meta["test_cap"],
+                                             threads=meta["torch_threads"]), meta["budgets"])
     write_json(path, results)
     regimes = [r for r in REGIMES if any(results[n][r][s].get("runs") for n in DATASETS for s in SYSTEMS)]
     print(markdown(results, list(DATASETS), regimes))
