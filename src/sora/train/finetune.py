@@ -178,7 +178,12 @@ def layer_lr_scale(model: SoraModel, decay: float, head_multiplier: float):
 
 
 class Selector:
-    """Validation metric at each evaluation; keeps the best weights; asks to stop when patience runs out."""
+    """Validation metric at each evaluation; keeps the best weights; asks to stop when patience runs out.
+
+    The starting point (the step-0 evaluation, before any ``on_step``) is a selection candidate but not the
+    reference for patience: with a probe-initialised head, fine-tuning first dips below the probe and then
+    climbs past it, and counting that dip against patience stopped full-data runs before they recovered.
+    Patience counts training evaluations that do not beat the best training evaluation, as the HF Trainer's."""
 
     def __init__(self, model: SoraModel, tokenizer: SoraTokenizer, tasks: list[tuple[str, TaskData]],
                  max_length: int, batch_size: int, patience: int,
@@ -191,6 +196,8 @@ class Selector:
         self.best: float | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_metrics: dict[str, float] = {}
+        self.trained = False  # set by the first on_step: evaluations before it score the starting point
+        self.best_trained: float | None = None
         self.bad = 0
 
     def __call__(self, model: SoraModel) -> dict[str, float]:
@@ -208,13 +215,17 @@ class Selector:
         if self.report is not None:  # e.g. a tuner that prunes bad trials by raising
             self.report(self.evaluations, score)
         if self.best is None or score > self.best:
-            self.best, self.bad, self.best_metrics = score, 0, dict(metrics)
+            self.best, self.best_metrics = score, dict(metrics)
             self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            self.bad += 1
+        if self.trained:
+            if self.best_trained is None or score > self.best_trained:
+                self.best_trained, self.bad = score, 0
+            else:
+                self.bad += 1
         return metrics
 
     def on_step(self, state: TrainState, model: SoraModel) -> None:
+        self.trained = True
         if self.patience and self.bad >= self.patience:
             state.stop = True
 
