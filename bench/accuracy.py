@@ -144,10 +144,8 @@ for _opts in SORA_CANDIDATES.values():
     _opts.setdefault("normalize", None)  # auto: MiniLM heads read L2-normalised codes (as frozen_lr's), native not
 # Pairs (sick, mrpc): cross-encode "[CLS] a [SEP] b [SEP]" or siamese [u, v, |u-v|, u*v] over the codes, chosen
 # once for all pair datasets by mean validation accuracy in the sweep (system "sora_pair"; PAIR_MODE below).
-PAIR_CANDIDATES: dict[str, dict[str, Any]] = {
-    "cross": {**SORA_CANDIDATES["supcon_hot"], "pair_mode": "cross"},
-    "siamese": {**SORA_CANDIDATES["supcon_hot"], "pair_mode": "siamese"},
-}
+# Each on top of the regime's recipe (RECIPES).
+PAIR_CANDIDATES: dict[str, dict[str, Any]] = {"cross": {"pair_mode": "cross"}, "siamese": {"pair_mode": "siamese"}}
 HF_CANDIDATES = (2e-5, 5e-5, 1e-4, 2e-4)
 SCRATCH_CANDIDATES = (2e-4, 5e-4)
 
@@ -167,7 +165,7 @@ SCRATCH_LR = {"8": 2e-4, "64": 2e-4, "full": 2e-4}
 # Sweep of 2026-11-29 (second session; regime 8, sweep seed 0, validation capped at 500): mean validation accuracy
 # over sick and mrpc, cross 0.561, siamese 0.713 (sick 0.543 / 0.693, mrpc 0.578 / 0.733) -> siamese. MiniLM was
 # trained as a bi-encoder; with a few labels its siamese features beat learning a cross-encoding.
-PAIR_MODE = "siamese"
+PAIR_MODE = {"8": "siamese", "64": "siamese", "full": "siamese"}
 RECIPE_SOURCE = {"8": "sweep: trec regime 8 validation (accuracy.sweep.json), best of 4",
                  "64": "not swept: regime 8's choice", "full": "not swept: regime 8's choice"}
 
@@ -314,7 +312,7 @@ def sora_recipe(run: Run, init: str, opts: dict[str, Any], out: Path) -> Finetun
             "aux_denoise_weight": aux, "unlabeled": str(run.unlabeled) if aux > 0 else None},
         "tasks": [_task(run.dataset, data=str(run.split.directory),
                         contrastive_weight=opts.get("contrastive_weight", 0.0),
-                        pair_mode=opts.get("pair_mode", PAIR_MODE),
+                        pair_mode=opts.get("pair_mode", PAIR_MODE[run.regime]),
                         normalize=opts.get("normalize")).model_dump()],
         "train": {"lr": opts["lr"], "warmup_steps": 0, "eval_every": run.eval_every, "save_every": 0,
                   "keep_checkpoints": 1, "progress": False, "device": str(run.device)},
@@ -602,8 +600,10 @@ def cell_config(config: dict[str, Any], regime: str, system: str, dataset: str =
     out = {k: config.get(k) for k in ("max_test", "max_val", "max_length", "budget", "device")}
     if system in ("sora", "sora_scratch"):
         out["recipe"] = (config.get("recipes") or {}).get(regime)
-        if dataset in DATASETS and DATASETS[dataset].pair and config.get("pair_mode", "cross") != "cross":
-            out["pair_mode"] = config["pair_mode"]
+        mode = config.get("pair_mode", "cross")  # one mode for all regimes in files written before 2026-11-29
+        mode = mode.get(regime, "cross") if isinstance(mode, dict) else mode
+        if dataset in DATASETS and DATASETS[dataset].pair and mode != "cross":
+            out["pair_mode"] = mode
     if system == "hf_trainer":
         out["lr"] = (config.get("hf_lr") or {}).get(regime)
     if system == "sora_scratch":
@@ -678,9 +678,10 @@ def sweep(args: argparse.Namespace, device: torch.device, budgets: dict[str, Any
             trials: list[tuple[str, str, dict[str, Any]]] = []
             if "sora" in args.systems:
                 wanted = args.candidates.split(",") if args.candidates else None
+                candidates = ({k: {**RECIPES[regime], **v} for k, v in PAIR_CANDIDATES.items()} if ds.pair
+                              else SORA_CANDIDATES)
                 trials += [("sora_pair" if ds.pair else "sora", k, {"sora_opts": v})
-                           for k, v in (PAIR_CANDIDATES if ds.pair else SORA_CANDIDATES).items()
-                           if wanted is None or k in wanted or ds.pair]
+                           for k, v in candidates.items() if wanted is None or k in wanted or ds.pair]
             if "hf_trainer" in args.systems:
                 trials += [("hf_trainer", f"lr={lr:g}", {"hf_lr": lr}) for lr in HF_CANDIDATES]
             if "sora_scratch" in args.systems:
@@ -964,8 +965,9 @@ def notes(args: argparse.Namespace, budgets: dict[str, Any]) -> dict[str, str]:
                    "characters: 65% of the text tokens of its train split are [UNK] (SoraTokenizer.unknown_share), so "
                    "MiniLM-based systems run half blind; "
                    "sora_scratch trains its own tokenizer on the text; tfidf_lr uses character 1-3 grams.",
-        "pairs": f"sick / mrpc: sora and sora_scratch run pair_mode {PAIR_MODE!r} (siamese: a head on [u, v, |u-v|, "
-                 "u*v] of the two codes; chosen on validation); hf_trainer cross-encodes '[CLS] a [SEP] b [SEP]' "
+        "pairs": f"sick / mrpc: sora and sora_scratch run pair_mode per regime {PAIR_MODE} (siamese: a head on "
+                 "[u, v, |u-v|, u*v] of the two codes; cross: '[CLS] a [SEP] b [SEP]'; chosen on validation); "
+                 "hf_trainer cross-encodes '[CLS] a [SEP] b [SEP]' "
                  "with token types; frozen_lr features [u, v, |u-v|, u*v]; tfidf_lr the concatenated text; SetFit "
                  "has no pair mode (not applicable). F1: MRPC binary F1 of 'equivalent', SICK macro F1.",
         "threads": f"every system runs in this one process with the same torch thread count "
