@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import math
 import random
@@ -93,6 +94,7 @@ DATASETS = {d.name: d for d in (
     Dataset("sst2"), Dataset("trec"), Dataset("financial_phrasebank"), Dataset("ag_news"), Dataset("banking77"),
     Dataset("sick", pair=True), Dataset("mrpc", pair=True, f1="equivalent"), Dataset("chnsenticorp_htl", lang="zh"),
 )}
+ALL_CELLS = tuple(itertools.product(DATASETS, REGIMES, SYSTEMS))  # (dataset, regime, system) of the grid
 
 # ---- budgets -------------------------------------------------------------------------------------------------
 # Training steps for sora / hf_trainer / sora_scratch: ceil(epochs x batches per epoch), clamped to
@@ -814,13 +816,11 @@ def main(argv: list[str] | None = None) -> None:
         old = json.loads(path.read_text())
         kept = dropped = 0
         # Cells outside this run's selection are carried over as they are: a partial re-run never loses them.
-        for name in DATASETS:
-            for regime in REGIMES:
-                for system in SYSTEMS:
-                    selected = name in args.datasets and regime in args.regimes and system in args.systems
-                    before = old.get(name, {}).get(regime, {}).get(system, {})
-                    if not selected and before.get("runs"):
-                        results[name][regime][system] = before
+        for name, regime, system in ALL_CELLS:
+            selected = name in args.datasets and regime in args.regimes and system in args.systems
+            before = old.get(name, {}).get(regime, {}).get(system, {})
+            if not selected and before.get("runs"):
+                results[name][regime][system] = before
         for name in args.datasets:
             for regime in args.regimes:
                 for system in args.systems:
@@ -928,13 +928,11 @@ def merge(path: Path, parts: list[str]) -> None:
     for part in parts:
         other = json.loads(Path(part).read_text())
         copied = []
-        for name in DATASETS:
-            for regime in REGIMES:
-                for system in SYSTEMS:
-                    cell = other.get(name, {}).get(regime, {}).get(system, {})
-                    if cell.get("runs"):
-                        results[name][regime][system] = cell
-                        copied.append(f"{name}/{regime}/{system}")
+        for name, regime, system in ALL_CELLS:
+            cell = other.get(name, {}).get(regime, {}).get(system, {})
+            if cell.get("runs"):
+                results[name][regime][system] = cell
+                copied.append(f"{name}/{regime}/{system}")
         meta.setdefault("earlier_invocations", []).append(
             {"command": other["meta"].get("command"), "wall_s": other["meta"].get("wall_s"), "merged_cells": copied,
              "load_average_start": other["meta"].get("load_average_start")})
@@ -944,7 +942,7 @@ def merge(path: Path, parts: list[str]) -> None:
     meta["notes"] = notes(argparse.Namespace(max_val=meta["validation_cap"], max_test=meta["test_cap"],
                                              threads=meta["torch_threads"]), meta["budgets"])
     write_json(path, results)
-    regimes = [r for r in REGIMES if any(results[n][r][s].get("runs") for n in DATASETS for s in SYSTEMS)]
+    regimes = [r for r in REGIMES if any(results[n][g][s].get("runs") for n, g, s in ALL_CELLS if g == r)]
     print(markdown(results, list(DATASETS), regimes))
 
 

@@ -60,6 +60,7 @@ class SoraTokenizer:
 
     def unknown_share(self, texts: Sequence[str], sample: int = 2000) -> float:
         """The share of the text tokens (specials aside) of the first ``sample`` texts that are [UNK]."""
+        self.tk.no_truncation()  # whole texts, whatever max_length the last encode() set
         ids = [i for enc in self.tk.encode_batch(list(texts[:sample]), add_special_tokens=False) for i in enc.ids]
         return sum(i == self.unk_id for i in ids) / max(1, len(ids))
 

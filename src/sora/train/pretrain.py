@@ -79,7 +79,7 @@ def run_pretrain(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
         tokenizer = build_tokenizer(recipe.tokenizer, recipe.model, corpus, out)
         if dist.enabled and dist.is_main:
             torch.distributed.barrier()
-        if dist.is_main:
+        if dist.is_main and (recipe.model.backbone or recipe.tokenizer.path):  # one trained here has no [UNK]
             tokenizer.warn_unknown(list(itertools.islice(corpus, 2000)), f"{recipe.data.train}")
         torch.manual_seed(recipe.train.seed)  # identical initial weights on every rank
         model = build_model(recipe.model, tokenizer)
