@@ -65,3 +65,27 @@ def test_unpadded_encoder_gives_the_same_codes_and_gradients():
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
     with torch.no_grad():
         torch.testing.assert_close(_codes(model, batch, True), _codes(model, batch, False), atol=1e-5, rtol=1e-4)
+
+
+def test_checkpoint_files_are_readable_by_other_users(tmp_path, monkeypatch):
+    """safetensors writes 0600: a server in a container (uid 10001) could not read a checkpoint trained as
+    another user. Saved checkpoints get the modes a plain open() gives; an unreadable one is a clear error."""
+    import os
+
+    from sora.errors import CheckpointError
+    from sora.models.checkpoint import load_checkpoint, save_checkpoint
+
+    tokenizer = train_tokenizer(TEXTS * 4, vocab_size=300)
+    model = SoraModel(ModelConfig(vocab_size=tokenizer.vocab_size, dim=32, layers=1, heads=2, ffn_dim=64,
+                                  code_dim=16, decoder_layers=1))
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [path, *path.iterdir()]}
+    assert modes == {"ckpt": 0o755, "config.json": 0o644, "model.safetensors": 0o644, "tokenizer.json": 0o644}
+    load_checkpoint(path)
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)  # as a non-root user would see a 0600 file
+    with pytest.raises(CheckpointError, match="not readable by this user"):
+        load_checkpoint(path)

@@ -29,6 +29,20 @@ from sora.text.tokenizer import SoraTokenizer
 FORMAT_VERSION = 1
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _usual_permissions(root: Path) -> None:
+    """Give every file the mode a plain ``open()`` would (0644 under umask 022). safetensors writes its files
+    0600, which a server running as another user (a container's non-root uid, a k8s volume) cannot read."""
+    mask = _umask()
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def atomic_dir(target: Path, write) -> None:
     """Call ``write(tmp_dir)`` then move ``tmp_dir`` to ``target`` (replacing it)."""
     target = Path(target)
@@ -37,6 +51,7 @@ def atomic_dir(target: Path, write) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     write(tmp)
+    _usual_permissions(tmp)
     if target.exists():
         old = target.parent / f".{target.name}.old-{os.getpid()}"
         os.replace(target, old)
@@ -114,6 +129,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     config = read_config(p)
     model = SoraModel(ModelConfig.model_validate(config["model"]))
     build_heads(model, config)
+    weights = p / "model.safetensors"
+    if not os.access(weights, os.R_OK):  # safetensors would report a permission problem as "No such file"
+        st = weights.stat()
+        raise CheckpointError(f"{weights}: not readable by this user (uid {os.getuid()}; the file is mode "
+                              f"{st.st_mode & 0o777:o}, owner uid {st.st_uid}); e.g. chmod a+r it")
     missing, unexpected = load_model(model, str(p / "model.safetensors"), strict=False, device=str(device))
     if missing or unexpected:
         raise CheckpointError(f"{p}: weights do not match the config (missing {list(missing)[:3]}, "
