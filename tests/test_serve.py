@@ -642,3 +642,46 @@ def test_deploy_manifests_parse():
         assert name in exprs, name
     dockerfile = (deploy / "Dockerfile").read_text()
     assert "python:3.11-slim" in dockerfile and "constraints.txt" in dockerfile and "/readyz" in dockerfile
+
+
+# Custom resources: their schemas come with their operators (prometheus-operator, KEDA), not with Kubernetes.
+CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("keda.sh/v1alpha1", "ScaledObject")}
+
+
+def test_k8s_manifests_validate_against_the_kubernetes_schema():
+    """Strict validation (no unknown fields: a misspelt readinessProbe would be silently ignored by kubectl
+    apply) against the API schema of a current Kubernetes release, offline."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    version = kubernetes_validate.latest_version()
+    checked = []
+    for path in sorted((ROOT / "deploy" / "k8s").glob("*.yaml")):
+        if path.name == "prometheus-adapter-values.yaml":  # Helm values, not a manifest
+            continue
+        for doc in yaml.safe_load_all(path.read_text()):
+            if (doc["apiVersion"], doc["kind"]) in CRDS:
+                continue
+            kubernetes_validate.validate(doc, version, strict=True)
+            checked.append(doc["kind"])
+    assert sorted(checked) == ["Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service"]
+    broken = next(yaml.safe_load_all((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text()))
+    container = broken["spec"]["template"]["spec"]["containers"][0]
+    container["readinessProb"] = container.pop("readinessProbe")
+    with pytest.raises(kubernetes_validate.ValidationError, match="readinessProb"):
+        kubernetes_validate.validate(broken, version, strict=True)
+
+
+def test_alert_rules_load_and_fire_as_their_unit_tests_say():
+    """``promtool check rules`` and ``promtool test rules deploy/prometheus/alerts_test.yml``: each alert fires
+    on the synthetic series it is meant for (error and latency burn, queue saturation, 429s, target down,
+    absent) and stays quiet inside the budget. promtool is Debian's ``prometheus`` package; .ci/run installs
+    it, and in CI its absence is a failure, not a skip."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool not found: .ci/run installs Debian's prometheus package")
+        pytest.skip("promtool not installed (apt-get install prometheus)")
+    rules = ROOT / "deploy" / "prometheus"
+    for args in (["check", "rules", "alerts.yml"], ["test", "rules", "alerts_test.yml"]):
+        done = subprocess.run([promtool, *args], cwd=rules, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "SUCCESS" in done.stdout + done.stderr
