@@ -23,8 +23,8 @@ class PredictRequest(BaseModel):
     texts: list[str]
 
 
-def build(checkpoint: str) -> FastAPI:
-    model = sora.load(checkpoint)
+def build(checkpoint: str, device: str = "cpu") -> FastAPI:
+    model = sora.load(checkpoint, device=device)
     model.predict(["warm-up"] * 4)
     lock = threading.Lock()
     app = FastAPI(title="baseline")
@@ -47,8 +47,10 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    uvicorn.run(build(args.checkpoint), host=args.host, port=args.port, access_log=False, log_level="warning")
+    uvicorn.run(build(args.checkpoint, args.device), host=args.host, port=args.port, access_log=False,
+                log_level="warning")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,16 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
-from common import REPO, add_common_args, command_line, load_average, machine_info, offline, write_result
+from common import (
+    REPO,
+    add_common_args,
+    command_line,
+    load_average,
+    machine_info,
+    offline,
+    resolve_device,
+    write_result,
+)
 
 SAMPLE = REPO / "examples" / "sample"
 MODEL_DIR = REPO / "runs" / "bench-serve" / "minilm-sample"
@@ -85,10 +94,10 @@ def prepare_model() -> Path:
 class InProcess:
     """``Sora.predict`` on batches of 32 texts in this process: the ceiling for the same work over HTTP."""
 
-    def __init__(self, model_dir: Path, texts: list[str]):
+    def __init__(self, model_dir: Path, texts: list[str], device: str = "cpu"):
         import sora
 
-        self.model = sora.load(model_dir)
+        self.model = sora.load(model_dir, device=device)
         self.batches = [texts[i : i + 32] for i in range(0, len(texts) - 31, 32)]
         self.model.predict(self.batches[0])
         self.i = 0
@@ -271,6 +280,9 @@ def main() -> None:
     rounds = args.rounds or (1 if args.quick else 6)
     seconds = args.seconds or (3.0 if args.quick else 5.0)
     soak_n = args.soak_requests or (1000 if args.quick else 10000)
+    device = resolve_device(args.device)  # cuda: every server and the in-process runs on the GPU
+    if device.type == "cuda":
+        args.int8 = False  # ONNX int8 is a CPU deployment
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # the servers' torch threads
@@ -284,10 +296,10 @@ def main() -> None:
     py = sys.executable
     url, base_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
     sora_cmd = [py, "-m", "sora.cli", "serve", str(model_dir), "--port", url.rsplit(":", 1)[1], "--max-wait-ms",
-                str(args.max_wait_ms), "--threads", str(threads)]
+                str(args.max_wait_ms), "--threads", str(threads), "--device", str(device)]
     server = start(sora_cmd, url, logs / "sora-serve.log")
     baseline = start([py, str(REPO / "bench" / "baseline_server.py"), str(model_dir), "--port",
-                      base_url.rsplit(":", 1)[1]], base_url, logs / "baseline.log")
+                      base_url.rsplit(":", 1)[1], "--device", str(device)], base_url, logs / "baseline.log")
     servers = [("sora", url), ("baseline", base_url)]
     int8 = None
     if args.int8:
@@ -296,7 +308,7 @@ def main() -> None:
                       int8_url.rsplit(":", 1)[1], "--max-wait-ms", str(args.max_wait_ms), "--threads", str(threads),
                       "--backend", "onnx"], int8_url, logs / "sora-serve-int8.log")
         servers.append(("sora_int8", int8_url))
-    inproc = InProcess(model_dir, texts)
+    inproc = InProcess(model_dir, texts, str(device))
     tallies = {"inproc": Tally(), "inproc_batch1": Tally(),
                **{f"{name}/{c}": Tally() for name, _ in servers for c in LEVELS}}
     try:
@@ -354,7 +366,7 @@ def main() -> None:
         "soak": soak_result,
         "detail": summary,
         "meta": {
-            **machine_info(torch.device("cpu")),
+            **machine_info(device),
             "command": command_line(), "quick": args.quick, "rounds": rounds, "seconds_per_config_round": seconds,
             "load_average_before": load_before, "load_average_after": load_average(),
             "elapsed_s": round(time.perf_counter() - t_start, 1),

@@ -142,7 +142,7 @@ def servers(model_dir, tmp_path_factory):
     (broken / "model.safetensors").write_bytes((model_dir / "model" / "model.safetensors").read_bytes()[:1000])
     started = {
         "open": start_server(model_dir, logs / "open.log", "--max-texts", "8", "--max-chars", "200"),
-        "auth": start_server(model_dir, logs / "auth.log", key=KEY),
+        "auth": start_server(model_dir, logs / "auth.log", "--model-name", "tickets-v2", key=KEY),
         "slow": start_server(model_dir, logs / "slow.log", "--max-queue", "1", "--max-wait-ms", "3000"),
         "workers": start_server(model_dir, logs / "workers.log", "--workers", "2", multiproc=logs / "prometheus"),
         "broken": start_server(broken, logs / "broken.log"),
@@ -302,7 +302,8 @@ def test_auth(servers):
     ok = {"Authorization": f"Bearer {KEY}"}
     assert post(url, "/v1/embed", {"texts": ["a"]}, headers=ok).status_code == 200
     assert post(url, "/v1/predict", {"texts": ["a"]}, headers=ok).status_code == 200
-    assert httpx.get(url + "/v1/models", headers=ok).status_code == 200
+    assert httpx.get(url + "/v1/models", headers=ok).json()["models"][0]["name"] == "tickets-v2"  # --model-name
+    assert 'sora_model_info{backend="torch",model="tickets-v2"' in httpx.get(url + "/metrics").text
     for open_path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):  # stay open for probes and scrapers
         assert httpx.get(url + open_path).status_code == 200, open_path
     assert "HTTPBearer" in httpx.get(url + "/openapi.json").json()["components"]["securitySchemes"]

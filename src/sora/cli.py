@@ -257,6 +257,9 @@ def serve(
                        ] = "auto",
     device: Annotated[str, typer.Option()] = "cpu",
     access_log: Annotated[bool, typer.Option(help="log every request")] = False,
+    model_name: Annotated[str | None, typer.Option(help="name in /v1/models, answers and metrics (default: the "
+                                                        "checkpoint's directory name)", envvar="SORA_MODEL_NAME")
+                          ] = None,
 ) -> None:
     """Serve a checkpoint over HTTP (FastAPI): /v1/embed, /v1/predict, /v1/models, /healthz, /readyz, /metrics."""
     from pydantic import ValidationError
@@ -268,7 +271,8 @@ def serve(
         settings = ServeSettings(checkpoint=checkpoint, host=host, port=port, workers=workers, threads=threads,
                                  api_key_env=api_key_env or None, max_batch_tokens=max_batch_tokens,
                                  max_wait_ms=max_wait_ms, max_queue=max_queue, max_texts=max_texts,
-                                 max_chars=max_chars, backend=backend, device=device, access_log=access_log)
+                                 max_chars=max_chars, backend=backend, device=device, access_log=access_log,
+                                 model_name=model_name)
     except ValidationError as exc:
         err = exc.errors()[0]
         raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None

@@ -46,13 +46,14 @@ def weights_version(path: Path) -> str:
 
 
 class Engine:
-    def __init__(self, sora, max_batch_tokens: int):
+    def __init__(self, sora, max_batch_tokens: int, name: str | None = None):
         from tokenizers import Tokenizer
 
         self.sora, self.max_batch_tokens = sora, max_batch_tokens
         self.backend = "onnx" if getattr(sora, "onnx", None) is not None else "torch"  # what actually runs
         self.path = Path(sora.path)
-        self.name = self.path.parent.name if self.path.name == "model" else self.path.name
+        # runs/mine/model -> "mine"; in a container the mount point says little, so --model-name overrides it.
+        self.name = name or (self.path.parent.name if self.path.name == "model" else self.path.name)
         self.config: dict[str, Any] = sora.config
         self.metadata: dict[str, Any] = dict(self.config.get("metadata") or {})
         self.version = str(self.metadata.get("version") or weights_version(self.path))
@@ -68,8 +69,8 @@ class Engine:
 
     @classmethod
     def load(cls, checkpoint: str, backend: str = "auto", device: str = "cpu",
-             max_batch_tokens: int = 8192) -> Engine:
-        return cls(load_sora(checkpoint, backend, device), max_batch_tokens)
+             max_batch_tokens: int = 8192, name: str | None = None) -> Engine:
+        return cls(load_sora(checkpoint, backend, device), max_batch_tokens, name)
 
     @property
     def dim(self) -> int:

@@ -14,6 +14,7 @@ class ServeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: str
+    model_name: str | None = Field(None, min_length=1, max_length=128)  # default: the checkpoint's directory name
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1)
