@@ -107,3 +107,17 @@ def test_sora_warnings_print_as_one_line(capsys):
         warnings.showwarning = cli._show_warning  # as cli.main() installs it
         warnings.warn("data.jsonl: 65% of the tokens are [UNK]", SoraWarning, stacklevel=1)
     assert capsys.readouterr().err == "warning: data.jsonl: 65% of the tokens are [UNK]\n"
+
+
+def test_usage_errors_are_short_messages_not_tracebacks(tmp_path):
+    """A missing option or an unknown command: click's usage message and exit code 2. (typer vendors click
+    since 0.26, so catching click's own exception classes let these escape as tracebacks.)"""
+    env = {**os.environ, "NO_COLOR": "1", "PYTHONWARNINGS": "ignore"}
+    for argv, expect in ((["compress", str(tmp_path), "-o", str(tmp_path / "out")], "Missing option '--method'"),
+                         (["nosuch"], "No such command 'nosuch'")):
+        proc = subprocess.run([sys.executable, "-m", "sora.cli", *argv], capture_output=True, text=True,
+                              env=env, timeout=120)
+        report = f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, report
+        assert expect in proc.stderr and "Usage: " in proc.stderr, report
+    assert not (tmp_path / "out").exists()

@@ -8,10 +8,9 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 
-from sora.errors import SoraError, SoraWarning
+from sora.errors import SoraError, SoraWarning, missing
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Sora: denoising-autoencoder text representations from your own unlabeled text.")
@@ -62,6 +61,8 @@ def pretrain(
                  "train.seed": seed, "train.save_every": save_every,
                  "train.progress": None if progress else False})
     summary = run_pretrain(load_recipe(recipe, overrides), resume=resume)
+    if summary.get("rank", 0) != 0:  # under torchrun: rank 0 reports for all
+        return
     if summary.get("history"):
         last = summary["history"][-1]
         typer.echo("final " + ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k != "step"))
@@ -333,6 +334,12 @@ def embed(
     suffix = output.suffix.lower()
     if suffix not in (".npy", ".parquet"):
         raise SoraError(f"--output {output}: use a .npy or .parquet file")
+    if suffix == ".parquet":  # before the work, not after it
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError as exc:
+            raise missing(exc, f"--output {output}") from exc
     model = sora.load(checkpoint, device=device)
     texts = list(read_texts(input, column, format))
     vectors = model.embed(texts, batch_size=batch_size, normalize=normalize, progress=True)
@@ -340,9 +347,6 @@ def embed(
     if suffix == ".npy":
         np.save(output, vectors)
     else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         table = pa.table({"text": texts, "embedding": list(vectors)})
         pq.write_table(table, output)
     typer.echo(f"{len(texts)} vectors of dim {vectors.shape[1]} -> {output}")
@@ -382,12 +386,14 @@ def main() -> None:
     except SoraError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except click.exceptions.ClickException as exc:
+    except typer.TyperException as exc:  # usage errors: typer ≥ 0.26 raises its own (vendored) click's, not click's
+        if not hasattr(exc, "show"):
+            raise
         exc.show()
-        sys.exit(exc.exit_code)
+        sys.exit(getattr(exc, "exit_code", 2))
 
 
 if __name__ == "__main__":

@@ -19,3 +19,33 @@ class CheckpointError(SoraError):
 
 class SoraWarning(UserWarning):
     """Input Sora can use but probably should not as it is (the CLI prints it as one yellow line)."""
+
+
+class MissingDependency(SoraError, ImportError):
+    """A feature's optional dependency is not installed; the message says which extra installs it."""
+
+
+
+# The import name of each optional dependency -> (its PyPI name, the extra of sora that installs it). The
+# plain install (inference, ``sora serve``, the client) leaves the training stack out; ``sora[train]`` adds it.
+OPTIONAL = {
+    "sklearn": ("scikit-learn", "train"),
+    "scipy": ("scipy", "train"),
+    "pyarrow": ("pyarrow", "train"),
+    "matplotlib": ("matplotlib", "train"),
+    "optuna": ("optuna", "train"),
+    "onnx": ("onnx", "train"),
+}
+
+
+def missing(exc: ImportError, feature: str) -> MissingDependency:
+    """The error to raise when ``feature``'s import failed with ``exc``: which package, which extra.
+
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as exc:
+            raise missing(exc, "reading Parquet") from exc
+    """
+    root = (exc.name or "").split(".")[0]
+    package, extra = OPTIONAL.get(root, (root or str(exc), "train"))
+    return MissingDependency(f"{feature} needs {package}, which is not installed: pip install 'sora[{extra}]'")

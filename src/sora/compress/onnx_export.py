@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sora.errors import missing
 from sora.models.autoencoder import SoraModel
 
 OPSET = 17
@@ -79,6 +80,10 @@ def export_onnx(model: SoraModel, path: str | Path, sample: dict[str, torch.Tens
     """Write the encoder path of ``model`` to ``path``; returns the attention used (sdpa or math).
     ``sample``: a collated batch (``input_ids``, ``attention_mask``) to trace with."""
     path = Path(path)
+    try:
+        import onnx  # noqa: F401  (torch.onnx.export writes the graph with it)
+    except ImportError as exc:
+        raise missing(exc, "ONNX export") from exc
     module = _CodeModule(model.cpu()).eval()
     ids = sample["input_ids"].cpu()
     args = [ids, sample["attention_mask"].cpu().long()]
@@ -107,7 +112,10 @@ def export_onnx(model: SoraModel, path: str | Path, sample: dict[str, torch.Tens
 
 def ffn_output_nodes(path: str | Path) -> list[str]:
     """Names of the feed-forward output MatMuls (``…/ffn/down/MatMul``) in an exported graph."""
-    import onnx
+    try:
+        import onnx
+    except ImportError as exc:
+        raise missing(exc, "ONNX int8 quantization") from exc
 
     graph = onnx.load(str(path), load_external_data=False).graph
     return [n.name for n in graph.node if n.op_type == "MatMul" and "/ffn/down/" in n.name]

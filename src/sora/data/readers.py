@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sora.errors import DataError
+from sora.errors import DataError, missing
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".txt": "txt",
            ".text": "txt", ".parquet": "parquet", ".pq": "parquet"}
@@ -92,16 +92,18 @@ def _txt(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _parquet(path: Path, columns: list[str] | None) -> Iterator[tuple[int, dict[str, Any]]]:
-    import pyarrow.parquet as pq
-
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise missing(exc, f"reading {path} (Parquet)") from exc
     try:
         pf = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
     names = pf.schema_arrow.names
-    missing = [c for c in columns or [] if c not in names]
-    if missing:
-        raise DataError(f"{path}: no column {missing[0]!r} (columns: {', '.join(names)})")
+    absent = [c for c in columns or [] if c not in names]
+    if absent:
+        raise DataError(f"{path}: no column {absent[0]!r} (columns: {', '.join(names)})")
     row = 0
     for batch in pf.iter_batches(batch_size=4096, columns=columns):
         for record in batch.to_pylist():

@@ -12,8 +12,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy import stats
-from sklearn import metrics as skm
+
+from sora.errors import missing
+
+try:
+    from scipy import stats
+    from sklearn import metrics as skm
+except ImportError as exc:
+    raise missing(exc, "evaluation metrics") from exc
 
 from sora.errors import DataError
 
@@ -110,9 +116,9 @@ def _roc_auc(y_idx: np.ndarray, probs: np.ndarray, labels: list[str]) -> tuple[f
         if len(np.unique(y_idx)) < 2:
             return None, "ROC-AUC undefined: only one class appears in the test labels"
         return _num(skm.roc_auc_score(y_idx == 1, probs[:, 1])), None
-    missing = [str(labels[k]) for k in range(n_labels) if not (y_idx == k).any()]
-    if missing:
-        return None, f"one-vs-rest ROC-AUC needs every class in the test labels; missing: {', '.join(missing)}"
+    absent = [str(labels[k]) for k in range(n_labels) if not (y_idx == k).any()]
+    if absent:
+        return None, f"one-vs-rest ROC-AUC needs every class in the test labels; missing: {', '.join(absent)}"
     # One-vs-rest by hand rather than roc_auc_score(multi_class="ovr"), which rejects rows that do not sum to 1
     # (e.g. scores from independent sigmoids); the result is the same macro average.
     return _num(np.mean([skm.roc_auc_score(y_idx == k, probs[:, k]) for k in range(n_labels)])), None

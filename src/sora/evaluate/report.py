@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sora.errors import DataError
+from sora.errors import DataError, missing
 from sora.evaluate.metrics import expected_calibration_error, reliability_curve
 
 if TYPE_CHECKING:
@@ -34,8 +34,11 @@ HEADLINE = {
 
 
 def _figure(width: float, height: float) -> Figure:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise missing(exc, "plots") from exc
 
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)

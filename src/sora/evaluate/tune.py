@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from sora.config import FinetuneRecipe, apply_overrides, load_finetune_recipe
-from sora.errors import CheckpointError, ConfigError, DataError, SoraError
+from sora.errors import CheckpointError, ConfigError, DataError, SoraError, missing
 
 if TYPE_CHECKING:
     import optuna
@@ -199,7 +199,10 @@ def run_tune(recipe_path: str | Path | None, overrides: dict[str, Any] | None = 
     ``runner`` replaces ``run_finetune`` (tests). Trials keep ``model/`` but not ``checkpoints/`` unless
     ``keep_checkpoints``.
     """
-    import optuna
+    try:
+        import optuna
+    except ImportError as exc:
+        raise missing(exc, "sora tune") from exc
 
     if trials is None and timeout is None:
         raise ConfigError("tune needs a number of trials or a timeout")

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import re
 
-from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+from sora.errors import missing
+
+try:
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+except ImportError as exc:
+    raise missing(exc, "sora.text.preprocess (its stop-word list)") from exc
 
 # CJK first, and kept out of the word class: ``\w`` matches CJK too and would glue a sentence into one "word".
 _WORD = re.compile(r"[\u3400-\u9fff]|(?:[^\W\u3400-\u9fff]|')+", re.UNICODE)

@@ -64,6 +64,14 @@ def any_true(flag: bool, d: Dist) -> bool:
     return bool(t.item() > 0)
 
 
+def finish(d: Dist) -> None:
+    """Every rank waits here, after its work, before the group is torn down. Without it a rank that finishes
+    first (rank 1, while rank 0 validates and saves) destroys its gloo context while a peer still holds
+    connections to it, and gloo aborts that process ("terminate called without an active exception")."""
+    if d.enabled and dist.is_initialized():
+        dist.barrier()
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

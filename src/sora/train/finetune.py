@@ -17,8 +17,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+from sora.errors import missing
+
+try:
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+except ImportError as exc:
+    raise missing(exc, "fine-tuning") from exc
 
 from sora.api import predict_scores
 from sora.config import FinetuneRecipe, TaskConfig
@@ -30,7 +36,7 @@ from sora.models.checkpoint import is_sora_checkpoint, load_checkpoint, save_che
 from sora.models.heads import HeadSpec, add_head, head_features
 from sora.objectives import TaskLoss, build_objective
 from sora.text.tokenizer import SoraTokenizer
-from sora.train.distributed import setup, teardown
+from sora.train.distributed import finish, setup, teardown
 from sora.train.loop import TrainState, fit
 from sora.train.pretrain import build_model
 
@@ -316,6 +322,7 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
                 n: len(t.train) for n, t in tasks}, "steps": state.step}
             save_checkpoint(out / "model", model, tokenizer, info)
             summary["validation"] = selector.best_metrics
+        finish(dist)
         return summary
     finally:
         teardown()

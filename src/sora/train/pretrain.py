@@ -15,7 +15,7 @@ from sora.models.autoencoder import SoraModel
 from sora.models.hf_import import hf_encoder_state, hf_model_config, resolve_backbone
 from sora.objectives import build_objective
 from sora.text.tokenizer import SoraTokenizer, train_tokenizer
-from sora.train.distributed import setup, teardown
+from sora.train.distributed import finish, setup, teardown
 from sora.train.loop import TrainState, fit
 
 
@@ -96,7 +96,8 @@ def run_pretrain(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
         info = {"recipe": recipe.model_dump(), "kind": "pretrain"}
         state: TrainState = fit(model, tokenizer, objectives, batches, recipe.train, out, dist,
                                 val_batches=val, info=info, resume=resume)
+        finish(dist)
         return {"output": str(out), "steps": state.step, "tokens": state.tokens,
-                "elapsed_s": round(state.elapsed_s, 1), "history": state.history}
+                "elapsed_s": round(state.elapsed_s, 1), "history": state.history, "rank": dist.rank}
     finally:
         teardown()
