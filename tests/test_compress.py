@@ -218,7 +218,55 @@ def test_bad_requests(finetuned, compressed, tmp_path):
         sora.load(finetuned, backend="onnx")
     with pytest.raises(ConfigError, match="backend"):
         sora.load(finetuned, backend="tensorrt")
+    with pytest.raises(ConfigError, match="dtype 'int4'"):
+        sora.load(finetuned, dtype="int4")
+    with pytest.raises(ConfigError, match="not to ONNX Runtime"):
+        sora.load(compressed["onnx"][0], dtype="bfloat16")
+    with pytest.raises(ConfigError, match="not to an int8 model"):
+        sora.load(compressed["int8"][0], dtype="bfloat16")
     assert not (tmp_path / "x").exists()
+
+
+def test_bf16_halves_the_encoder_and_keeps_the_predictions(finetuned, tmp_path, monkeypatch):
+    import warnings
+
+    from safetensors import safe_open
+
+    from sora.errors import SoraWarning
+
+    # compress refuses bf16 on a CPU without native bfloat16 (its timing would mean nothing there); the
+    # mechanics are what this test checks, on whatever CPU runs it.
+    monkeypatch.setattr("sora.compress.core.native", lambda dtype, device: True)
+    path = tmp_path / "bf16"
+    result = compress(finetuned, path, "bf16", max_drop=ALWAYS)
+    assert config_of(path)["compression"] == {"method": "bf16", "backend": "torch", "dtype": "bfloat16"}
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    assert {d for k, d in dtypes.items() if k.startswith("encoder.")} == {"BF16"}
+    assert {d for k, d in dtypes.items() if k.startswith(("heads.", "to_code."))} == {"F32"}
+    assert result["size_mb"] < 0.6 * result["size_mb_before"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SoraWarning)  # a CPU without native bfloat16 warns that it is slow
+        model, as_fp32 = sora.load(path), sora.load(path, dtype="float32")
+        reference = sora.load(finetuned)
+        assert model.dtype == "bfloat16" and as_fp32.dtype == "float32" and reference.dtype == "float32"
+        assert cosine(model.embed(texts()), reference.embed(texts())).min() > 0.99
+        same = [a["task"]["label"] == b["task"]["label"]
+                for a, b in zip(model.predict(texts()), reference.predict(texts()), strict=True)]
+        assert sum(same) >= 0.9 * len(same)
+        assert sora.load(finetuned, dtype="bfloat16").dtype == "bfloat16"  # at load time, any checkpoint
+
+
+def test_bf16_where_the_hardware_has_none(finetuned, tmp_path, monkeypatch):
+    from sora.errors import SoraWarning
+
+    monkeypatch.setattr("sora.compress.core.native", lambda dtype, device: False)
+    monkeypatch.setattr("sora.compress.runtime.native", lambda dtype, device: False)
+    with pytest.raises(ConfigError, match="no native bfloat16"):
+        compress(finetuned, tmp_path / "x", "bf16")
+    assert not (tmp_path / "x").exists()
+    with pytest.warns(SoraWarning, match="emulated"):
+        sora.load(finetuned, dtype="bfloat16")
 
 
 def test_math_attention_export_matches(finetuned, tmp_path):

@@ -142,7 +142,8 @@ def servers(model_dir, tmp_path_factory):
     (broken / "model.safetensors").write_bytes((model_dir / "model" / "model.safetensors").read_bytes()[:1000])
     started = {
         "open": start_server(model_dir, logs / "open.log", "--max-texts", "8", "--max-chars", "200"),
-        "auth": start_server(model_dir, logs / "auth.log", "--model-name", "tickets-v2", key=KEY),
+        "auth": start_server(model_dir, logs / "auth.log", "--model-name", "tickets-v2", "--dtype", "bfloat16",
+                             key=KEY),
         "slow": start_server(model_dir, logs / "slow.log", "--max-queue", "1", "--max-wait-ms", "3000"),
         "workers": start_server(model_dir, logs / "workers.log", "--workers", "2", multiproc=logs / "prometheus"),
         "broken": start_server(broken, logs / "broken.log"),
@@ -263,7 +264,7 @@ def test_models_card(url, model_dir):
                                       "labels": LABELS, "metric": "accuracy"}
     assert card["tasks"]["same_topic"]["pair"] is True
     assert card["validation"] == pytest.approx(config["metadata"]["validation"])  # measured accuracy
-    assert card["quantization"] is None and card["compression"] is None
+    assert card["quantization"] is None and card["compression"] is None and card["dtype"] == "float32"
     assert card["limits"]["max_texts"] == 8 and card["limits"]["max_chars"] == 200
 
 
@@ -302,7 +303,8 @@ def test_auth(servers):
     ok = {"Authorization": f"Bearer {KEY}"}
     assert post(url, "/v1/embed", {"texts": ["a"]}, headers=ok).status_code == 200
     assert post(url, "/v1/predict", {"texts": ["a"]}, headers=ok).status_code == 200
-    assert httpx.get(url + "/v1/models", headers=ok).json()["models"][0]["name"] == "tickets-v2"  # --model-name
+    card = httpx.get(url + "/v1/models", headers=ok).json()["models"][0]
+    assert card["name"] == "tickets-v2" and card["dtype"] == "bfloat16"  # --model-name, --dtype
     assert 'sora_model_info{backend="torch",model="tickets-v2"' in httpx.get(url + "/metrics").text
     for open_path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):  # stay open for probes and scrapers
         assert httpx.get(url + open_path).status_code == 200, open_path

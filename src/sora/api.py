@@ -31,6 +31,11 @@ class Sora:
     def dim(self) -> int:
         return self.model.code_dim
 
+    @property
+    def dtype(self) -> str:
+        """What the encoder computes in: float32, or bfloat16 / float16 (int8 and ONNX report float32)."""
+        return str(self.model.encoder.embeddings.word.weight.dtype).removeprefix("torch.")
+
     def _batches(self, texts: Sequence[str], batch_size: int, max_length: int):
         """Longest-first batches (little padding); yields (original indices, batch)."""
         ids = self.tokenizer.encode(list(texts), max_length)
@@ -112,6 +117,7 @@ class Sora:
             "vocab_size": cfg.vocab_size,
             "dim": cfg.dim, "layers": cfg.layers, "heads": cfg.heads,
             "decoder_layers": cfg.decoder_layers, "pooling": cfg.pooling, "code_dim": self.dim,
+            "dtype": self.dtype,
             "tasks": {n: {"type": s.type, "labels": s.labels, "pair": s.pair}
                       for n, s in self.model.head_specs.items()},
             "metadata": self.config.get("metadata", {}),
@@ -131,16 +137,18 @@ def format_prediction(spec, s: np.ndarray) -> dict[str, Any]:
     return {"label": labels[best], "score": float(s[best]), "scores": scores}
 
 
-def load(path: str | Path, device: str = "cpu", backend: str | None = None) -> Sora:
-    """``backend``: None runs what the checkpoint says (see ``sora compress``), "torch" or "onnx"."""
+def load(path: str | Path, device: str = "cpu", backend: str | None = None, dtype: str | None = None) -> Sora:
+    """``backend``: None runs what the checkpoint says (see ``sora compress``), "torch" or "onnx". ``dtype``:
+    None runs the checkpoint's (float32 unless compressed to bf16), or "float32" / "bfloat16" / "float16"
+    for the encoder (bfloat16 pays on CPUs with AVX-512 BF16 or AMX, and on GPUs)."""
     p = resolve_checkpoint(path)
     dev = torch.device(device)
     model, tokenizer, config = load_checkpoint(p, dev)
     onnx = None
-    if config.get("compression") or backend not in (None, "torch"):  # ---- sora.compress hook ----
+    if config.get("compression") or backend not in (None, "torch") or dtype:  # ---- sora.compress hook ----
         from sora.compress.runtime import prepare
 
-        model, onnx = prepare(model, config, p, dev, backend)
+        model, onnx = prepare(model, config, p, dev, backend, dtype)
     loaded = Sora(model, tokenizer, config, p, dev)
     loaded.onnx = onnx
     return loaded

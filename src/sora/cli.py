@@ -145,6 +145,8 @@ def predict(
     text_b_column: Annotated[str, typer.Option(help="second text of pair tasks")] = "text_b",
     batch_size: Annotated[int, typer.Option()] = 64,
     device: Annotated[str, typer.Option()] = "cpu",
+    dtype: Annotated[str | None, typer.Option(help="float32|bfloat16|float16 for the encoder (default: the "
+                                                   "checkpoint's)")] = None,
     url: Annotated[str | None, typer.Option(help="a `sora serve` URL to predict with (CHECKPOINT is then ignored; "
                                                  "API key from $SORA_API_KEY)")] = None,
 ) -> None:
@@ -165,7 +167,7 @@ def predict(
         client = SoraClient(url, api_key=os.environ.get("SORA_API_KEY"), batch_size=batch_size)
         pair = any(s["pair"] for n, s in client.models()["tasks"].items() if task in (None, n))
     else:
-        model = sora.load(checkpoint, device=device)
+        model = sora.load(checkpoint, device=device, dtype=dtype)
         pair = any(s.pair for n, s in model.model.head_specs.items() if task in (None, n))
     if text_column is None:
         first = next(read_records(input))[1]
@@ -257,6 +259,9 @@ def serve(
     backend: Annotated[str, typer.Option(help="auto|torch|onnx (auto: what the checkpoint says, see sora compress)")
                        ] = "auto",
     device: Annotated[str, typer.Option()] = "cpu",
+    dtype: Annotated[str, typer.Option(help="auto|float32|bfloat16|float16: what the encoder computes in (auto: "
+                                            "the checkpoint's; bfloat16 pays on CPUs with AVX-512 BF16 / AMX)")
+                     ] = "auto",
     access_log: Annotated[bool, typer.Option(help="log every request")] = False,
     model_name: Annotated[str | None, typer.Option(help="name in /v1/models, answers and metrics (default: the "
                                                         "checkpoint's directory name)", envvar="SORA_MODEL_NAME")
@@ -273,7 +278,7 @@ def serve(
                                  api_key_env=api_key_env or None, max_batch_tokens=max_batch_tokens,
                                  max_wait_ms=max_wait_ms, max_queue=max_queue, max_texts=max_texts,
                                  max_chars=max_chars, backend=backend, device=device, access_log=access_log,
-                                 model_name=model_name)
+                                 model_name=model_name, dtype=dtype)
     except ValidationError as exc:
         err = exc.errors()[0]
         raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
@@ -284,7 +289,8 @@ def serve(
 def compress(
     checkpoint: Annotated[str, typer.Argument(help="fine-tuned checkpoint or run directory")],
     output: Annotated[Path, typer.Option("--output", "-o", help="directory of the compressed checkpoint")],
-    method: Annotated[str, typer.Option(help="prune | int8 (PyTorch) | onnx | onnx-int8 (ONNX Runtime)")],
+    method: Annotated[str, typer.Option(help="prune | int8 (PyTorch) | onnx | onnx-int8 (ONNX Runtime) | bf16 "
+                                             "(encoder in bfloat16: CPUs with AVX-512 BF16 / AMX, GPUs)")],
     prune_heads: Annotated[float | None, typer.Option(help="fraction of attention heads to remove "
                                                            "(default: 0.3 with --method prune, else 0)")] = None,
     prune_layers: Annotated[int, typer.Option(help="encoder layers to remove")] = 0,
@@ -324,6 +330,8 @@ def embed(
     batch_size: Annotated[int, typer.Option()] = 64,
     normalize: Annotated[bool, typer.Option(help="L2-normalise the vectors")] = False,
     device: Annotated[str, typer.Option()] = "cpu",
+    dtype: Annotated[str | None, typer.Option(help="float32|bfloat16|float16 for the encoder (default: the "
+                                                   "checkpoint's)")] = None,
 ) -> None:
     """Embed texts into sentence vectors (.npy, or .parquet with the texts beside them)."""
     import numpy as np
@@ -340,7 +348,7 @@ def embed(
             import pyarrow.parquet as pq
         except ImportError as exc:
             raise missing(exc, f"--output {output}") from exc
-    model = sora.load(checkpoint, device=device)
+    model = sora.load(checkpoint, device=device, dtype=dtype)
     texts = list(read_texts(input, column, format))
     vectors = model.embed(texts, batch_size=batch_size, normalize=normalize, progress=True)
     output.parent.mkdir(parents=True, exist_ok=True)

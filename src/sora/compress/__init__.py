@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-METHODS = ("prune", "int8", "onnx", "onnx-int8")
+METHODS = ("prune", "int8", "onnx", "onnx-int8", "bf16")
 
 __all__ = ["METHODS", "compress"]
 

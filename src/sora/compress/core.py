@@ -3,7 +3,9 @@
 1. Load the checkpoint (PyTorch fp32) and its tasks' validation splits (from the recipe, or ``data``).
 2. Optionally prune heads and layers (``prune_heads`` / ``prune_layers``; ``method="prune"`` alone
    defaults to 30 % of the heads), with importance measured on the task's training split.
-3. Apply the method: nothing more (prune), PyTorch dynamic int8, ONNX export, ONNX Runtime int8.
+3. Apply the method: nothing more (prune), PyTorch dynamic int8, ONNX export, ONNX Runtime int8, or the
+   encoder in bfloat16 (bf16: weights stored in bfloat16, half the size; fast where the CPU has AVX-512 BF16
+   or AMX, or on a GPU).
 4. Measure the validation metric of the original and the compressed model, and the latency of both
    (batch 32, interleaved repeats in this process); refuse when the metric drops by more than
    ``max_drop`` points unless ``warn_only``. Nothing is written before the gate has passed.
@@ -33,6 +35,7 @@ import torch
 from sora.compress import METHODS
 from sora.compress.prune import apply_pruning, head_importance, plan_pruning
 from sora.compress.quantize import DEFAULT_KEEP_FP32, inference_size_mb, int8_settings, quantize_int8
+from sora.compress.runtime import native, set_dtype
 from sora.config import TaskConfig
 from sora.data.tasks import Example, check_known, encode_examples, label_tensor, make_batch, read_examples
 from sora.errors import ConfigError, SoraError
@@ -242,7 +245,7 @@ def compress(checkpoint: str | Path, out: str | Path, method: str, *, prune_head
              latency_texts: int | None = 512, batch_size: int = 32) -> dict[str, Any]:
     """Compress ``checkpoint`` into the checkpoint directory ``out``; returns what was measured.
 
-    method: prune | int8 (PyTorch dynamic) | onnx | onnx-int8 (ONNX Runtime dynamic). ``prune_heads``
+    method: prune | int8 (PyTorch dynamic) | onnx | onnx-int8 (ONNX Runtime dynamic) | bf16. ``prune_heads``
     (fraction) and ``prune_layers`` (count) combine with any method. Raises ``SoraError`` (and writes
     nothing) when the validation metric drops by more than ``max_drop`` points, unless ``warn_only``.
     """
@@ -262,6 +265,10 @@ def compress(checkpoint: str | Path, out: str | Path, method: str, *, prune_head
         raise ConfigError(f"--layer-order {layer_order!r}: use importance or top")
     if method == "prune" and not prune_heads and not prune_layers:
         raise ConfigError("--method prune with nothing to prune: give --prune-heads and/or --prune-layers")
+    if method == "bf16" and not native("bfloat16", torch.device("cpu")):
+        raise ConfigError("--method bf16: this CPU has no native bfloat16 (AVX-512 BF16 or AMX), so bfloat16 "
+                          "would run slower than float32 here and the speed measured would mean nothing; "
+                          "compress on a machine like the one you deploy to")
     source = resolve_checkpoint(checkpoint)
     out = Path(out)
     _check_output(out, source)
@@ -328,6 +335,11 @@ def compress(checkpoint: str | Path, out: str | Path, method: str, *, prune_head
             extra[file.name] = file
             size = file.stat().st_size / 1e6 + sum(p.numel() * p.element_size() for p in compact.heads.parameters()
                                                    ) / 1e6
+        elif method == "bf16":
+            heads_model = set_dtype(compact, "bfloat16", torch.device("cpu"))  # saved as it runs: bf16 weights
+            embed = heads_model.embed
+            size = inference_size_mb(heads_model)
+            settings = {"method": method, "backend": "torch", "dtype": "bfloat16"}
         else:
             embed = compact.embed
             size = inference_size_mb(compact)

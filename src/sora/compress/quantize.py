@@ -61,7 +61,8 @@ def apply_int8(model: SoraModel, settings: dict[str, Any], device: torch.device)
 
 def inference_size_mb(model: nn.Module) -> float:
     """Bytes of what inference runs (encoder, code projection, task heads; not the decoder), serialized as
-    held in memory: int8 packed weights and their scales for quantized layers, fp32 elsewhere."""
+    held in memory: int8 packed weights and their scales for quantized layers, bf16 for a bf16 encoder, fp32
+    elsewhere."""
     buf = io.BytesIO()
     state = {k: v for k, v in model.state_dict().items()
              if not k.startswith(("decoder.", "from_code."))}

@@ -49,6 +49,7 @@ class SoraModel(nn.Module):
         return self.encoder(ids, mask, type_ids)
 
     def pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        states = states.float()  # an encoder run in bfloat16 (sora compress --method bf16): sum in float32
         if self.cfg.pooling == "cls":
             return states[:, 0]
         m = mask.unsqueeze(-1).to(states.dtype)

@@ -27,11 +27,13 @@ def pair_key(task: str) -> tuple[str, str]:
     return ("pair", task)
 
 
-def load_sora(checkpoint: str, backend: str = "auto", device: str = "cpu"):
-    """``sora.load``. ``auto`` runs what the checkpoint says (``sora compress`` may have made it ONNX or int8)."""
+def load_sora(checkpoint: str, backend: str = "auto", device: str = "cpu", dtype: str = "auto"):
+    """``sora.load``. ``auto`` runs what the checkpoint says (``sora compress`` may have made it ONNX, int8 or
+    bf16)."""
     from sora import api
 
-    return api.load(checkpoint, device=device, backend=None if backend == "auto" else backend)
+    return api.load(checkpoint, device=device, backend=None if backend == "auto" else backend,
+                    dtype=None if dtype == "auto" else dtype)
 
 
 def weights_version(path: Path) -> str:
@@ -69,8 +71,8 @@ class Engine:
 
     @classmethod
     def load(cls, checkpoint: str, backend: str = "auto", device: str = "cpu",
-             max_batch_tokens: int = 8192, name: str | None = None) -> Engine:
-        return cls(load_sora(checkpoint, backend, device), max_batch_tokens, name)
+             max_batch_tokens: int = 8192, name: str | None = None, dtype: str = "auto") -> Engine:
+        return cls(load_sora(checkpoint, backend, device, dtype), max_batch_tokens, name)
 
     @property
     def dim(self) -> int:
@@ -98,6 +100,7 @@ class Engine:
             "tasks": {n: {"type": s.type, "pair": s.pair, "pair_mode": s.pair_mode, "labels": s.labels,
                           "metric": s.metric} for n, s in self.specs.items()},
             "quantization": str(quant) if quant else None,
+            "dtype": self.sora.dtype,
             "compression": compression if isinstance(compression, dict) else None,
             "validation": {k: (float(v) if isinstance(v, int | float) and np.isfinite(v) else None)
                            for k, v in validation.items() if isinstance(v, int | float) or v is None},

@@ -126,6 +126,7 @@ class ModelCard(BaseModel):
     parameters: int
     tasks: dict[str, TaskCard]
     quantization: str | None = None
+    dtype: str = Field("float32", description="what the encoder computes in (float32, bfloat16, float16)")
     compression: dict[str, Any] | None = None
     validation: dict[str, float | None] = Field(default_factory=dict,
                                                 description="measured on the validation split when saved")

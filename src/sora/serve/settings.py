@@ -26,6 +26,7 @@ class ServeSettings(BaseModel):
     max_texts: int = Field(256, ge=1)  # texts (or pairs) per request; more → 413
     max_chars: int = Field(5000, ge=1)  # characters per text; more → 413
     backend: Literal["auto", "torch", "onnx"] = "auto"  # auto: what the checkpoint says (sora compress)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # the encoder's; auto: the checkpoint's
     device: str = "cpu"
     graceful_timeout_s: float = Field(30.0, gt=0)  # SIGTERM: how long in-flight requests may take to finish
     access_log: bool = False

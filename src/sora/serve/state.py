@@ -72,7 +72,7 @@ class ServeState:
             if s.threads or not os.environ.get("OMP_NUM_THREADS"):
                 torch.set_num_threads(s.threads or default_threads(s.workers))
             self.engine = await loop.run_in_executor(
-                None, lambda: Engine.load(s.checkpoint, s.backend, s.device, s.max_batch_tokens, s.model_name))
+                None, lambda: Engine.load(s.checkpoint, s.backend, s.device, s.max_batch_tokens, s.model_name, s.dtype))
             e = self.engine
             # Warm-up through the batcher, so the first real request finds the inference thread ready too.
             payload = ("predict", e.single_tasks) if e.single_tasks else ("embed", False)
