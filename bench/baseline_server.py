@@ -23,8 +23,8 @@ class PredictRequest(BaseModel):
     texts: list[str]
 
 
-def build(checkpoint: str, device: str = "cpu") -> FastAPI:
-    model = sora.load(checkpoint, device=device)
+def build(checkpoint: str, device: str = "cpu", dtype: str | None = None) -> FastAPI:
+    model = sora.load(checkpoint, device=device, dtype=dtype)
     model.predict(["warm-up"] * 4)
     lock = threading.Lock()
     app = FastAPI(title="baseline")
@@ -48,8 +48,9 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="the encoder's: float32 (default) or bfloat16")
     args = parser.parse_args()
-    uvicorn.run(build(args.checkpoint, args.device), host=args.host, port=args.port, access_log=False,
+    uvicorn.run(build(args.checkpoint, args.device, args.dtype), host=args.host, port=args.port, access_log=False,
                 log_level="warning")
 
 

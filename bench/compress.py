@@ -1,4 +1,4 @@
-"""Compression: speed, size and accuracy of fp32 / PyTorch int8 / ONNX fp32 / ONNX int8 / pruned variants.
+"""Compression: speed, size and accuracy of fp32 / PyTorch int8 / ONNX fp32 / ONNX int8 / pruned / bf16 variants.
 
 For each dataset (sst2, banking77) all-MiniLM-L6-v2 is fine-tuned within a CPU budget (≤ 2000 training
 examples, one epoch, max_length 64; cached under runs/bench-compress/), then compressed with
@@ -55,6 +55,7 @@ VARIANTS: dict[str, tuple[str, dict] | None] = {
     "onnx-int8-all-matmul": ("onnx-int8", {"keep_fp32": ()}),  # ffn.down int8 too
     "pruned-30%": ("prune", {"prune_heads": 0.3}),
     "pruned-30%+onnx-int8": ("onnx-int8", {"prune_heads": 0.3}),
+    "bf16": ("bf16", {}),  # needs a CPU with native bfloat16 (AVX-512 BF16 / AMX); skipped elsewhere
 }
 
 
@@ -188,6 +189,7 @@ def main() -> None:
 
     import sora
     from sora.compress import compress
+    from sora.compress.runtime import native
 
     t_start = time.perf_counter()
 
@@ -206,6 +208,9 @@ def main() -> None:
             if spec is None:
                 continue
             method, extra = spec
+            if method == "bf16" and not native("bfloat16", torch.device("cpu")):
+                log(f"{ds}/{name}: skipped (no native bfloat16 on this CPU)")
+                continue
             out = RUNS / f"{'quick-' if quick else ''}{ds}" / "variants" / name.replace("%", "").replace("+", "-")
             t0 = time.perf_counter()
             torch.set_num_threads(cores)

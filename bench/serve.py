@@ -7,6 +7,9 @@
 - HTTP int8 (unless --no-int8): ``sora serve`` of the same model after ``sora compress --method onnx-int8``
   (ONNX Runtime backend), same load: what a user deploys after compressing. The headline ``http_per_s`` is
   the uncompressed PyTorch model, the same one the baseline runs.
+- HTTP bf16 (where the CPU computes bfloat16 natively, AVX-512 BF16 / AMX, or on a GPU; unless --no-bf16):
+  ``sora serve --dtype bfloat16`` of the same model, and the baseline with the model in bfloat16 too, so the
+  batching gain and the precision gain show apart; in-process batch 32 / batch 1 in bfloat16 as well.
 - soak: 10,000 requests (1,000 with --quick) at 32 clients against ``sora serve``; the server's RSS at the
   start, after every 1,000 requests and at the end.
 
@@ -94,10 +97,10 @@ def prepare_model() -> Path:
 class InProcess:
     """``Sora.predict`` on batches of 32 texts in this process: the ceiling for the same work over HTTP."""
 
-    def __init__(self, model_dir: Path, texts: list[str], device: str = "cpu"):
+    def __init__(self, model_dir: Path, texts: list[str], device: str = "cpu", dtype: str | None = None):
         import sora
 
-        self.model = sora.load(model_dir, device=device)
+        self.model = sora.load(model_dir, device=device, dtype=dtype)
         self.batches = [texts[i : i + 32] for i in range(0, len(texts) - 31, 32)]
         self.model.predict(self.batches[0])
         self.i = 0
@@ -275,6 +278,7 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="sora serve --max-wait-ms")
     parser.add_argument("--threads", type=int, default=None, help="torch threads everywhere (default: cores)")
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the ONNX int8 server")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bfloat16 servers")
     args = parser.parse_args()
     offline()
     rounds = args.rounds or (1 if args.quick else 6)
@@ -283,6 +287,11 @@ def main() -> None:
     device = resolve_device(args.device)  # cuda: every server and the in-process runs on the GPU
     if device.type == "cuda":
         args.int8 = False  # ONNX int8 is a CPU deployment
+    from sora.compress.runtime import native
+
+    if args.bf16 and not native("bfloat16", device):
+        log("bfloat16 is not native on this machine: no bf16 servers")
+        args.bf16 = False
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # the servers' torch threads
@@ -308,8 +317,18 @@ def main() -> None:
                       int8_url.rsplit(":", 1)[1], "--max-wait-ms", str(args.max_wait_ms), "--threads", str(threads),
                       "--backend", "onnx"], int8_url, logs / "sora-serve-int8.log")
         servers.append(("sora_int8", int8_url))
+    bf16_procs: list[subprocess.Popen] = []
+    if args.bf16:
+        bf16_url, base_bf16_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+        bf16_procs.append(start([*sora_cmd[:5], "--port", bf16_url.rsplit(":", 1)[1], *sora_cmd[7:], "--dtype",
+                                 "bfloat16"], bf16_url, logs / "sora-serve-bf16.log"))
+        bf16_procs.append(start([py, str(REPO / "bench" / "baseline_server.py"), str(model_dir), "--port",
+                                 base_bf16_url.rsplit(":", 1)[1], "--device", str(device), "--dtype", "bfloat16"],
+                                base_bf16_url, logs / "baseline-bf16.log"))
+        servers += [("sora_bf16", bf16_url), ("baseline_bf16", base_bf16_url)]
     inproc = InProcess(model_dir, texts, str(device))
-    tallies = {"inproc": Tally(), "inproc_batch1": Tally(),
+    inproc_bf16 = InProcess(model_dir, texts, str(device), "bfloat16") if args.bf16 else None
+    tallies = {"inproc": Tally(), "inproc_batch1": Tally(), "inproc_bf16": Tally(), "inproc_bf16_batch1": Tally(),
                **{f"{name}/{c}": Tally() for name, _ in servers for c in LEVELS}}
     try:
         for _, u in servers:  # warm-up: connections, allocator, caches
@@ -318,24 +337,33 @@ def main() -> None:
         for r in range(rounds):
             tallies["inproc"].add(inproc.run(seconds))
             tallies["inproc_batch1"].add(inproc.run(seconds / 2, batch=1))
+            if inproc_bf16 is not None:
+                tallies["inproc_bf16"].add(inproc_bf16.run(seconds))
+                tallies["inproc_bf16_batch1"].add(inproc_bf16.run(seconds / 2, batch=1))
             for c in LEVELS:
                 for name, u in servers if r % 2 == 0 else servers[::-1]:
-                    measure(u, c, seconds, max_requests, texts, tallies[f"{name}/{c}"], name != "baseline")
+                    measure(u, c, seconds, max_requests, texts, tallies[f"{name}/{c}"],
+                            not name.startswith("baseline"))
             log(f"round {r + 1}/{rounds}: in-process {tallies['inproc'].rounds[-1]}/s "
                 f"(batch 1: {tallies['inproc_batch1'].rounds[-1]}/s); " + "; ".join(
                 f"{c}: sora {tallies[f'sora/{c}'].rounds[-1]}/s, baseline {tallies[f'baseline/{c}'].rounds[-1]}/s"
                 for c in LEVELS))
         stop(baseline)
-        if int8 is not None:
-            stop(int8)
+        for proc in [int8, *bf16_procs]:
+            if proc is not None:
+                stop(proc)
         soak_result = soak(url, server.pid, texts, soak_n, 32, 900.0)
     finally:
         sora_exit = stop(server)
-        for proc in (baseline, int8):
+        for proc in (baseline, int8, *bf16_procs):
             if proc is not None and proc.poll() is None:
                 stop(proc)
 
-    summary = {k: t.summary() for k, t in tallies.items()}
+    summary = {k: t.summary() for k, t in tallies.items() if t.seconds}
+
+    def ratio(a: str, b: str) -> dict[str, float | None]:
+        return {str(c): round(summary[f"{a}/{c}"]["per_s"] / summary[f"{b}/{c}"]["per_s"], 2)
+                if summary[f"{b}/{c}"]["per_s"] else None for c in LEVELS}
     inproc_per_s = summary["inproc"]["per_s"]
     http_per_s = {str(c): summary[f"sora/{c}"]["per_s"] for c in LEVELS}
     base_per_s = {str(c): summary[f"baseline/{c}"]["per_s"] for c in LEVELS}
@@ -352,17 +380,29 @@ def main() -> None:
         "p99_ms": {str(c): summary[f"sora/{c}"]["p99_ms"] for c in LEVELS},
         "baseline_p99_ms": {str(c): summary[f"baseline/{c}"]["p99_ms"] for c in LEVELS},
         "http_int8_per_s": {str(c): summary[f"sora_int8/{c}"]["per_s"] for c in LEVELS} if int8 else None,
+        "http_bf16_per_s": {str(c): summary[f"sora_bf16/{c}"]["per_s"] for c in LEVELS} if args.bf16 else None,
+        "baseline_bf16_per_s": {str(c): summary[f"baseline_bf16/{c}"]["per_s"] for c in LEVELS}
+        if args.bf16 else None,
+        "inproc_bf16_per_s": summary["inproc_bf16"]["per_s"] if args.bf16 else None,
+        "inproc_bf16_batch1_per_s": summary["inproc_bf16_batch1"]["per_s"] if args.bf16 else None,
         "errors": sum(sum(v["errors"].values()) for k, v in summary.items() if not k.startswith("inproc")),
         "ratios": {"http_vs_inproc": {k: round(v / inproc_per_s, 3) for k, v in http_per_s.items()},
                    "http_vs_baseline": {k: round(v / base_per_s[k], 2) if base_per_s[k] else None
                                         for k, v in http_per_s.items()},
                    "http_int8_vs_baseline": {str(c): round(summary[f"sora_int8/{c}"]["per_s"] / base_per_s[str(c)], 2)
                                              for c in LEVELS if base_per_s[str(c)]} if int8 else None,
-                   "batching_ceiling_inproc32_vs_inproc1": round(inproc_per_s / summary["inproc_batch1"]["per_s"], 2)},
+                   "batching_ceiling_inproc32_vs_inproc1": round(inproc_per_s / summary["inproc_batch1"]["per_s"], 2),
+                   **({"http_bf16_vs_baseline": ratio("sora_bf16", "baseline"),
+                       "http_bf16_vs_baseline_bf16": ratio("sora_bf16", "baseline_bf16"),
+                       "batching_ceiling_bf16_inproc32_vs_inproc1": round(
+                           summary["inproc_bf16"]["per_s"] / summary["inproc_bf16_batch1"]["per_s"], 2)}
+                      if args.bf16 else {})},
         "targets": {"http_32_ge_70pct_inproc": http_per_s["32"] >= 0.7 * inproc_per_s,
                     "http_32_ge_3x_baseline": http_per_s["32"] >= 3 * base_per_s["32"],
                     "http_int8_32_ge_3x_baseline": (summary["sora_int8/32"]["per_s"] >= 3 * base_per_s["32"])
-                    if int8 else None},
+                    if int8 else None,
+                    "http_bf16_32_ge_3x_baseline": (summary["sora_bf16/32"]["per_s"] >= 3 * base_per_s["32"])
+                    if args.bf16 else None},
         "soak": soak_result,
         "detail": summary,
         "meta": {
@@ -377,6 +417,8 @@ def main() -> None:
             "sora_serve_exit_code_after_sigterm": sora_exit,
             "sora_serve_int8": "the same model after sora compress --method onnx-int8, sora serve --backend onnx"
                                if int8 else None,
+            "sora_serve_bf16": "the same model, sora serve --dtype bfloat16; baseline_bf16: the baseline server "
+                               "with the model loaded in bfloat16 (sora.load(dtype=...))" if args.bf16 else None,
             "baseline": "bench/baseline_server.py: FastAPI, sync endpoint, one Sora.predict per request (locked)",
             "load_generator": "this process: one asyncio loop, one httpx.AsyncClient (one keep-alive connection) "
                               "per client, closed loop, loopback, POST /v1/predict with 1 text; configurations "
