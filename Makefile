@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-deps bench-quick clean
+.PHONY: demo test lint bench-deps bench-quick docker-smoke clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ bench-quick: bench-deps
 	$(PY) bench/finetune_speed.py --quick
 	$(PY) bench/compress.py --quick
 	$(PY) bench/serve.py --quick
+
+# Build deploy/Dockerfile and check the image end to end (needs a Docker engine and `make demo`'s model;
+# SMOKE_ARGS for closed networks, see docs/deploy.md).
+docker-smoke: $(STAMP)
+	$(PY) deploy/docker_smoke.py $(SMOKE_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -14,28 +14,46 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def bucket_rows(n: int) -> int:
+    """``n`` rounded up to one of a few heights: multiples of 16 up to 512, of 64 beyond. oneDNN builds and
+    caches kernels for every matrix height it meets; an encoder that met every height (a server's batches)
+    grew to 0.53 GB (float32) and 1.13 GB (bfloat16) of memory within 600 batches, toward a plateau set by
+    the cache's capacity (1024 kernels); with these heights, 0.43 GB for both, at the same speed (measured
+    here: MiniLM, 600 random batches of 1-32 short texts, 1 thread)."""
+    step = 16 if n <= 512 else 64
+    return -(-n // step) * step
+
+
 @dataclass
 class Unpad:
     """Where a padded (B, T) batch's real tokens sit. The encoder keeps only those rows (N, dim) through
     LayerNorms, projections and feed-forwards, which is most of its work; attention alone needs the padded
-    layout, so it scatters queries, keys and values back in and gathers its output out again."""
+    layout, so it scatters queries, keys and values back in and gathers its output out again. ``rows`` ≥ N
+    is the height of the packed matrix: at inference N is rounded up (``bucket_rows``) with zero rows that
+    attention never sees."""
 
     index: torch.Tensor  # (N,) flat positions in B * T
     batch: int
     length: int
+    rows: int
 
     @classmethod
-    def of(cls, mask: torch.Tensor) -> Unpad:
-        return cls(mask.reshape(-1).nonzero().squeeze(1), mask.shape[0], mask.shape[1])
+    def of(cls, mask: torch.Tensor, bucket: bool = False) -> Unpad:
+        index = mask.reshape(-1).nonzero().squeeze(1)
+        n = index.numel()
+        return cls(index, mask.shape[0], mask.shape[1], bucket_rows(n) if bucket else n)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, d) → (B, T, d), zeros at padding."""
-        out = x.new_zeros(self.batch * self.length, x.shape[-1]).index_copy(0, self.index, x)
+        """(rows, d) → (B, T, d), zeros at padding."""
+        real = x if self.rows == self.index.numel() else x[: self.index.numel()]
+        out = x.new_zeros(self.batch * self.length, x.shape[-1]).index_copy(0, self.index, real)
         return out.view(self.batch, self.length, -1)
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, d) → (N, d)."""
-        return x.reshape(self.batch * self.length, -1).index_select(0, self.index)
+        """(B, T, d) → (rows, d)."""
+        y = x.reshape(self.batch * self.length, -1).index_select(0, self.index)
+        extra = self.rows - y.shape[0]
+        return torch.cat([y, y.new_zeros(extra, y.shape[1])]) if extra else y
 
 
 class Attention(nn.Module):
@@ -158,8 +176,14 @@ class Encoder(nn.Module):
         """Token states (B, T, dim); zeros at padding when the batch was unpadded."""
         x = self.embeddings(ids, type_ids)
         attn_mask = mask[:, None, None, :]
-        # Skip padding when there is enough of it to pay for the gather / scatter around attention.
-        unpad = Unpad.of(mask) if self.unpad and mask.numel() and mask.sum() < 0.9 * mask.numel() else None
+        # Skip padding when there is enough of it to pay for the gather / scatter around attention; at
+        # inference always, with the row count rounded to a few heights (see bucket_rows).
+        unpad = None
+        if self.unpad and mask.numel():
+            if not self.training:
+                unpad = Unpad.of(mask, bucket=True)
+            elif mask.sum() < 0.9 * mask.numel():
+                unpad = Unpad.of(mask)
         if unpad is not None:
             x = unpad.unpad(x)
         for layer in self.layers:
