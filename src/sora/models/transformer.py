@@ -15,11 +15,14 @@ from torch import nn
 
 
 def bucket_rows(n: int) -> int:
-    """``n`` rounded up to one of a few heights: multiples of 16 up to 512, of 64 beyond. oneDNN builds and
-    caches kernels for every matrix height it meets; an encoder that met every height (a server's batches)
-    grew to 0.53 GB (float32) and 1.13 GB (bfloat16) of memory within 600 batches, toward a plateau set by
-    the cache's capacity (1024 kernels); with these heights, 0.43 GB for both, at the same speed (measured
-    here: MiniLM, 600 random batches of 1-32 short texts, 1 thread)."""
+    """``n`` rounded up to one of a few heights: exact up to 64, multiples of 16 up to 512, of 64 beyond.
+    oneDNN builds and caches kernels for every matrix height it meets; an encoder that met every height (a
+    server's batches) grew to 0.53 GB (float32) and 1.13 GB (bfloat16) of memory within 600 batches, toward
+    a plateau set by the cache's capacity (1024 kernels); with these heights (212 at most), 0.42 and 0.51 GB,
+    at the same speed (measured here: MiniLM, 600 random batches of 1-32 short texts, 1 thread). A single
+    text without padding keeps the plain path: its T rows are bounded by the model's max length."""
+    if n <= 64:
+        return n
     step = 16 if n <= 512 else 64
     return -(-n // step) * step
 
@@ -180,9 +183,9 @@ class Encoder(nn.Module):
         # inference always, with the row count rounded to a few heights (see bucket_rows).
         unpad = None
         if self.unpad and mask.numel():
-            if not self.training:
+            if not self.training and not (mask.shape[0] == 1 and bool(mask.all())):  # one text: T rows, bounded
                 unpad = Unpad.of(mask, bucket=True)
-            elif mask.sum() < 0.9 * mask.numel():
+            elif self.training and mask.sum() < 0.9 * mask.numel():
                 unpad = Unpad.of(mask)
         if unpad is not None:
             x = unpad.unpad(x)
