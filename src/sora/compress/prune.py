@@ -48,10 +48,9 @@ def head_importance(model: SoraModel, batches: Iterable[tuple[str, dict[str, tor
 
     def hook(gate: torch.Tensor, heads: int, head_dim: int):
         def pre(_module, args):
-            x = args[0]
-            b, t, _ = x.shape
+            x = args[0]  # (B, T, inner), or (rows, inner) when the encoder packed the real tokens (Unpad)
             g = gate.to(x.device, x.dtype)[:, None]
-            return ((x.view(b, t, heads, head_dim) * g).view(b, t, heads * head_dim),)
+            return ((x.view(*x.shape[:-1], heads, head_dim) * g).view(x.shape),)
 
         return pre
 
