@@ -25,7 +25,6 @@ class MissingDependency(SoraError, ImportError):
     """A feature's optional dependency is not installed; the message says which extra installs it."""
 
 
-
 # The import name of each optional dependency -> (its PyPI name, the extra of sora that installs it). The
 # plain install (inference, ``sora serve``, the client) leaves the training stack out; ``sora[train]`` adds it.
 OPTIONAL = {

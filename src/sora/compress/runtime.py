@@ -41,8 +41,9 @@ def set_dtype(model: SoraModel, dtype: str, device: torch.device) -> SoraModel:
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     if not native(dtype, device):
-        warnings.warn(f"{dtype} on this {device.type.upper()} is emulated, not native (no AVX-512 BF16 / AMX "
-                      "here): expect it to run slower than float32", SoraWarning, stacklevel=3)
+        lacks = "bfloat16 support" if device.type == "cuda" else "AVX-512 BF16 / AMX"
+        warnings.warn(f"{dtype} is emulated on this {device.type.upper()} (no {lacks}): expect it to run slower "
+                      "than float32", SoraWarning, stacklevel=3)
     model.encoder.to(DTYPES[dtype])
     return model
 
@@ -62,7 +63,7 @@ def prepare(model: SoraModel, config: dict[str, Any], path: Path, device: torch.
         from sora.compress.quantize import apply_int8
 
         model = apply_int8(model, settings, device)
-    if dtype != "float32" or settings.get("dtype"):
+    if dtype != "float32":  # weights always load into float32 parameters (a bf16 checkpoint's too)
         model = set_dtype(model, dtype, device)
     if chosen != "onnx":
         return model, None

@@ -179,14 +179,16 @@ class Encoder(nn.Module):
         """Token states (B, T, dim); zeros at padding when the batch was unpadded."""
         x = self.embeddings(ids, type_ids)
         attn_mask = mask[:, None, None, :]
-        # Skip padding when there is enough of it to pay for the gather / scatter around attention; at
-        # inference always, with the row count rounded to a few heights (see bucket_rows).
+        # Training: skip padding when there is enough of it to pay for the gather / scatter around attention.
+        # Inference: always, with the row count rounded to a few heights (see bucket_rows), except for one
+        # text without padding, whose T rows are already few heights.
         unpad = None
         if self.unpad and mask.numel():
-            if not self.training and not (mask.shape[0] == 1 and bool(mask.all())):  # one text: T rows, bounded
+            if self.training:
+                if mask.sum() < 0.9 * mask.numel():
+                    unpad = Unpad.of(mask)
+            elif not (mask.shape[0] == 1 and bool(mask.all())):
                 unpad = Unpad.of(mask, bucket=True)
-            elif self.training and mask.sum() < 0.9 * mask.numel():
-                unpad = Unpad.of(mask)
         if unpad is not None:
             x = unpad.unpad(x)
         for layer in self.layers:
