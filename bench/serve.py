@@ -128,7 +128,7 @@ def start(cmd: list[str], url: str, log_path: Path, timeout: float = 180) -> sub
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"{cmd[2]} exited {proc.returncode}: {log_path.read_text()[-2000:]}")
+            raise SystemExit(f"{log_path.name}: server exited {proc.returncode}: {log_path.read_text()[-2000:]}")
         try:
             if httpx.get(url + "/readyz", timeout=2).status_code == 200:
                 return proc
@@ -303,28 +303,30 @@ def main() -> None:
     texts = sample_texts()
     logs = REPO / "runs" / "bench-serve"
     py = sys.executable
-    url, base_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
-    sora_cmd = [py, "-m", "sora.cli", "serve", str(model_dir), "--port", url.rsplit(":", 1)[1], "--max-wait-ms",
-                str(args.max_wait_ms), "--threads", str(threads), "--device", str(device)]
-    server = start(sora_cmd, url, logs / "sora-serve.log")
-    baseline = start([py, str(REPO / "bench" / "baseline_server.py"), str(model_dir), "--port",
-                      base_url.rsplit(":", 1)[1], "--device", str(device)], base_url, logs / "baseline.log")
+
+    def launch(name: str, cmd: list[str]) -> tuple[subprocess.Popen, str]:
+        url = f"http://127.0.0.1:{free_port()}"
+        return start([*cmd, "--port", url.rsplit(":", 1)[1]], url, logs / f"{name.replace('_', '-')}.log"), url
+
+    def sora_serve(checkpoint: Path, *extra: str) -> list[str]:
+        return [py, "-m", "sora.cli", "serve", str(checkpoint), "--max-wait-ms", str(args.max_wait_ms), "--threads",
+                str(threads), "--device", str(device), *extra]
+
+    def baseline_server(*extra: str) -> list[str]:
+        return [py, str(REPO / "bench" / "baseline_server.py"), str(model_dir), "--device", str(device), *extra]
+
+    server, url = launch("sora_serve", sora_serve(model_dir))
+    baseline, base_url = launch("baseline", baseline_server())
     servers = [("sora", url), ("baseline", base_url)]
     int8 = None
     if args.int8:
-        int8_url = f"http://127.0.0.1:{free_port()}"
-        int8 = start([py, "-m", "sora.cli", "serve", str(prepare_int8(model_dir)), "--port",
-                      int8_url.rsplit(":", 1)[1], "--max-wait-ms", str(args.max_wait_ms), "--threads", str(threads),
-                      "--backend", "onnx"], int8_url, logs / "sora-serve-int8.log")
+        int8, int8_url = launch("sora_serve_int8", sora_serve(prepare_int8(model_dir), "--backend", "onnx"))
         servers.append(("sora_int8", int8_url))
     bf16_procs: list[subprocess.Popen] = []
     if args.bf16:
-        bf16_url, base_bf16_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
-        bf16_procs.append(start([*sora_cmd[:5], "--port", bf16_url.rsplit(":", 1)[1], *sora_cmd[7:], "--dtype",
-                                 "bfloat16"], bf16_url, logs / "sora-serve-bf16.log"))
-        bf16_procs.append(start([py, str(REPO / "bench" / "baseline_server.py"), str(model_dir), "--port",
-                                 base_bf16_url.rsplit(":", 1)[1], "--device", str(device), "--dtype", "bfloat16"],
-                                base_bf16_url, logs / "baseline-bf16.log"))
+        bf16, bf16_url = launch("sora_serve_bf16", sora_serve(model_dir, "--dtype", "bfloat16"))
+        base_bf16, base_bf16_url = launch("baseline_bf16", baseline_server("--dtype", "bfloat16"))
+        bf16_procs += [bf16, base_bf16]
         servers += [("sora_bf16", bf16_url), ("baseline_bf16", base_bf16_url)]
     inproc = InProcess(model_dir, texts, str(device))
     inproc_bf16 = InProcess(model_dir, texts, str(device), "bfloat16") if args.bf16 else None
@@ -387,10 +389,8 @@ def main() -> None:
         "inproc_bf16_batch1_per_s": summary["inproc_bf16_batch1"]["per_s"] if args.bf16 else None,
         "errors": sum(sum(v["errors"].values()) for k, v in summary.items() if not k.startswith("inproc")),
         "ratios": {"http_vs_inproc": {k: round(v / inproc_per_s, 3) for k, v in http_per_s.items()},
-                   "http_vs_baseline": {k: round(v / base_per_s[k], 2) if base_per_s[k] else None
-                                        for k, v in http_per_s.items()},
-                   "http_int8_vs_baseline": {str(c): round(summary[f"sora_int8/{c}"]["per_s"] / base_per_s[str(c)], 2)
-                                             for c in LEVELS if base_per_s[str(c)]} if int8 else None,
+                   "http_vs_baseline": ratio("sora", "baseline"),
+                   "http_int8_vs_baseline": ratio("sora_int8", "baseline") if int8 else None,
                    "batching_ceiling_inproc32_vs_inproc1": round(inproc_per_s / summary["inproc_batch1"]["per_s"], 2),
                    **({"http_bf16_vs_baseline": ratio("sora_bf16", "baseline"),
                        "http_bf16_vs_baseline_bf16": ratio("sora_bf16", "baseline_bf16"),
