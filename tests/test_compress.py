@@ -47,6 +47,11 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
+def top2_gap(scores: dict[str, float]) -> float:
+    best, second = sorted(scores.values())[-2:][::-1]
+    return best - second
+
+
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -59,10 +64,15 @@ def config_of(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory) -> Path:
-    """A tiny model pretrained (30 steps) then fine-tuned (3 epochs) on the bundled sample."""
+    """A tiny model pretrained (30 steps) then fine-tuned (3 epochs) on the bundled sample.
+
+    Pretraining adds the contrastive objective, as the scratch recipe does: with reconstruction alone 30 steps
+    leave codes that vary by 0.6% of their norm, every prediction is a near-tie, and tests that compare two
+    models' predictions would measure noise (the spread here is about 60% of the norm)."""
     root = tmp_path_factory.mktemp("compress")
     run_pretrain(load_recipe(None, {**TINY_PRETRAIN, "data.train": str(SAMPLE / "train.jsonl"),
-                                    "output": str(root / "pre"), "train.max_steps": 30}))
+                                    "output": str(root / "pre"), "train.max_steps": 30,
+                                    "objectives.1.name": "contrastive", "objectives.1.ratio": 0.3}))
     run_finetune(load_finetune_recipe(None, {**FINETUNE, "finetune.init": str(root / "pre"),
                                              "tasks.0.data": str(SAMPLE), "output": str(root / "ft")}))
     return root / "ft" / "model"
@@ -251,9 +261,11 @@ def test_bf16_halves_the_encoder_and_keeps_the_predictions(finetuned, tmp_path, 
         reference = sora.load(finetuned)
         assert model.dtype == "bfloat16" and as_fp32.dtype == "float32" and reference.dtype == "float32"
         assert cosine(model.embed(texts()), reference.embed(texts())).min() > 0.99
-        same = [a["task"]["label"] == b["task"]["label"]
-                for a, b in zip(model.predict(texts()), reference.predict(texts()), strict=True)]
-        assert sum(same) >= 0.9 * len(same)
+        # Predictions are compared where the reference is not near a tie: bf16 moves a score by ~1e-3.
+        ref, low = reference.predict(texts()), model.predict(texts())
+        clear = [i for i, r in enumerate(ref) if top2_gap(r["task"]["scores"]) > 0.05]
+        assert len(clear) >= 0.5 * len(ref)
+        assert all(low[i]["task"]["label"] == ref[i]["task"]["label"] for i in clear)
         assert sora.load(finetuned, dtype="bfloat16").dtype == "bfloat16"  # at load time, any checkpoint
 
 

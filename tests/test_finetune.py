@@ -103,6 +103,33 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
+# A crash, injected from the test side: ``sora`` with fit's ``on_step`` wrapped to SIGKILL the process once
+# optimizer step N is done (logged, before that step's checkpoint). The same helper is in test_train.py.
+CRASH = """
+import os, signal, sys
+import sora.train.finetune as module
+from sora.cli import main
+at, fit = int(sys.argv.pop(1)), module.fit
+def crashing_fit(*args, on_step=None, **kwargs):
+    def hook(state, model):
+        if on_step is not None:
+            on_step(state, model)
+        if state.step == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return fit(*args, on_step=hook, **kwargs)
+module.fit = crashing_fit
+sys.argv[0] = "sora"
+main()
+"""
+
+
+def crashing_sora(tmp: Path, step: int) -> list[str]:
+    """The command that runs ``sora ARGS`` but is killed -9 after optimizer step ``step``."""
+    script = tmp / "crashing_sora.py"
+    script.write_text(CRASH)
+    return [sys.executable, str(script), str(step)]
+
+
 
 
 @pytest.fixture(scope="module")
@@ -549,6 +576,40 @@ def test_early_stopping_when_validation_never_improves(pretrained, sample_dir, t
     assert summary["validation"]["val_accuracy"] == vals[0]["val_accuracy"]
 
 
+def test_sigkill_then_resume_selects_like_the_uninterrupted_run(pretrained, sample_dir, tmp_path):
+    """Killed -9 between checkpoints and resumed, a fine-tuning run ends on the same model (weights equal) with
+    the same selection metadata and log: the best weights so far and the patience counter are in the checkpoint,
+    not rebuilt from scratch (which let a resumed run end on a later, worse model after more steps)."""
+    max_steps, every, save_every, kill_at = 80, 4, 8, 66
+    args = ["finetune", "--init", str(pretrained), "--data", str(sample_dir), "--lr", "1e-3", *FT_FLAGS,
+            "--set", f"finetune.max_steps={max_steps}", "--set", f"train.eval_every={every}",
+            "--set", f"train.save_every={save_every}", "--set", "finetune.patience=4"]
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    run([*SORA, *args, "-o", str(full)])
+    killed = run([*crashing_sora(tmp_path, kill_at), *args, "-o", str(broken)], check=False)
+    assert killed.returncode == -9, killed.stderr
+    assert [r["step"] for r in log_rows(broken)][-1] == kill_at and not (broken / "model").exists()
+    resumed_from = kill_at // save_every * save_every
+    run([*SORA, *args, "-o", str(broken), "--resume"])
+
+    # The case this is about: the best evaluation came before the checkpoint resumed from, and patience ran out
+    # after it, counting evaluations from both sides of the kill.
+    vals = [r for r in log_rows(full) if "val_accuracy" in r]
+    best = max(vals, key=lambda r: r["val_accuracy"])  # the first of equals, as the selector keeps it
+    assert 0 < best["step"] < resumed_from < vals[-1]["step"] < max_steps, [(r["step"], r["val_accuracy"])
+                                                                          for r in vals]
+    assert log_rows(broken) == log_rows(full)  # every step's losses and every validation, exactly
+    meta = [json.loads((d / "model" / "config.json").read_text())["metadata"] for d in (full, broken)]
+    assert meta[0] == meta[1] and meta[0]["validation"]["val_accuracy"] == best["val_accuracy"]
+    a, b = weights(full / "model"), weights(broken / "model")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # The best weights are not the last ones: selection really restored them.
+    last = weights(full / "checkpoints" / f"step-{vals[-1]['step']:07d}")
+    assert any(not torch.equal(a[k], last[k]) for k in a)
+
+
 def test_finetune_overrides_keep_finetune_defaults():
     """Setting one key of a section (``--lr``, ``--no-progress``) keeps the fine-tuning defaults of the rest."""
     recipe = load_finetune_recipe(None, {"train.lr": 1e-3, "data.max_length": 32, "model.dropout": 0.0})
@@ -577,7 +638,7 @@ def test_probe_head_init_is_the_logistic_regression_folded_into_the_head(pretrai
 
     from sora.models.checkpoint import load_checkpoint
     from sora.models.heads import add_head
-    from sora.train.finetune import _features, head_spec, init_head
+    from sora.train.finetune import _features, head_spec, init_head, probe_scale
 
     model, tokenizer, _ = load_checkpoint(pretrained / "model")
     data = load_task(TaskConfig(name="topic", type="classification", data=str(sample_dir)), seed=1)
@@ -588,7 +649,7 @@ def test_probe_head_init_is_the_logistic_regression_folded_into_the_head(pretrai
     model.eval()
     x = _features(model, tokenizer, "topic", data.train, data, 32)
     y = [data.labels.index(e.label) for e in data.train]
-    mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
+    mu, sd = probe_scale(x)
     clf = LogisticRegression(C=info["probe_C"], max_iter=2000).fit(((x - mu) / sd).numpy(), y)
     # The head on raw codes gives the same decisions as the probe on standardised codes.
     with torch.no_grad():
@@ -608,3 +669,38 @@ def test_the_starting_point_is_validated_at_step_0_and_can_be_selected(pretraine
     # The probe-initialised head is already better than chance on the 4 sample labels before any step.
     assert vals[0]["val_accuracy"] > 0.4
     assert summary["validation"]["val_accuracy"] == max(r["val_accuracy"] for r in vals)
+
+
+def test_probe_scale_bounds_the_head_gain_on_collapsed_codes():
+    """Codes that vary by 0.5% of their norm: plain standardisation would divide by the tiny spread and give a
+    head hundreds of times more sensitive than the codes' scale warrants; the shrunk spread bounds it, and
+    healthy codes are left (almost) as they are."""
+    from sora.train.finetune import SPREAD_FLOOR, collapse_ratio, probe_scale
+
+    gen = torch.Generator().manual_seed(0)
+    centre = torch.randn(16, generator=gen)
+    collapsed = centre + 0.005 * centre.norm() / 4 * torch.randn(200, 16, generator=gen)
+    healthy = torch.randn(200, 16, generator=gen)
+    assert collapse_ratio(collapsed) < 0.05 < 0.5 < collapse_ratio(healthy)
+    _, sd = probe_scale(collapsed)
+    rms = collapsed.pow(2).mean().sqrt()
+    assert (sd >= SPREAD_FLOOR * rms).all()  # the gain 1/sd is at most 10 / rms
+    assert (sd > 10 * collapsed.std(0)).all()
+    _, sd_h = probe_scale(healthy)
+    assert torch.allclose(sd_h, healthy.std(0), rtol=0.02)
+
+
+def test_a_collapsed_starting_model_is_warned_about(pretrained, sample_dir):
+    from sora.errors import SoraWarning
+    from sora.models.checkpoint import load_checkpoint
+    from sora.models.heads import add_head
+    from sora.train.finetune import head_spec, init_head
+
+    model, tokenizer, _ = load_checkpoint(pretrained / "model")
+    with torch.no_grad():  # squash the code projection: every text gets nearly the same code
+        model.to_code.weight.mul_(1e-4)
+        model.to_code.bias.copy_(torch.linspace(-1, 1, model.to_code.bias.numel()))
+    data = load_task(TaskConfig(name="topic", type="classification", data=str(sample_dir)), seed=1)
+    add_head(model, "topic", head_spec(data.task, data))
+    with pytest.warns(SoraWarning, match="collapsed"):
+        init_head(model, tokenizer, "topic", data, 32, "probe")

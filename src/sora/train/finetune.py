@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +31,7 @@ from sora.api import predict_scores
 from sora.config import FinetuneRecipe, TaskConfig
 from sora.data import TextSource, token_batches
 from sora.data.tasks import TaskData, encode_examples, label_tensor, load_task
-from sora.errors import ConfigError
+from sora.errors import ConfigError, SoraWarning
 from sora.models.autoencoder import SoraModel
 from sora.models.checkpoint import is_sora_checkpoint, load_checkpoint, save_checkpoint
 from sora.models.heads import HeadSpec, add_head, head_features
@@ -109,6 +110,30 @@ def _features(model: SoraModel, tokenizer: SoraTokenizer, name: str, examples, d
                       for i in range(0, len(enc), 64)])
 
 
+# Per-dimension spreads below this fraction of the codes' RMS magnitude are treated as noise, not signal.
+SPREAD_FLOOR = 0.1
+COLLAPSED = 0.05  # collapse_ratio below this: warn (all-MiniLM-L6-v2 codes: about 0.8)
+
+
+def probe_scale(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and shrunk spread per dimension for standardising the probe's features.
+
+    Plain standardisation divides by each dimension's spread. On a near-collapsed code (a weak checkpoint:
+    codes varying by 0.5% of their norm) that multiplies the folded head's weights by hundreds, and any
+    perturbation of the code (bf16, int8, a typo) flips its predictions. Shrinking each spread towards a floor
+    proportional to the codes' overall magnitude, sqrt(sd² + (0.1 · rms)²), bounds that gain; on healthy codes
+    (spread ≈ magnitude) it changes the spreads by about half a percent.
+    """
+    mu, sd = x.mean(0), x.std(0)
+    floor = SPREAD_FLOOR * x.pow(2).mean().sqrt()
+    return mu, (sd.pow(2) + floor.pow(2)).sqrt().clamp(min=1e-12)
+
+
+def collapse_ratio(x: torch.Tensor) -> float:
+    """How much the codes vary across texts relative to their magnitude (about 1 for healthy codes)."""
+    return float(x.std(0).pow(2).sum().sqrt() / x.pow(2).sum(1).mean().sqrt().clamp(min=1e-12))
+
+
 @torch.no_grad()
 def init_head(model: SoraModel, tokenizer: SoraTokenizer, name: str, data: TaskData, max_length: int,
               how: str, c_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)) -> dict[str, float]:
@@ -126,6 +151,11 @@ def init_head(model: SoraModel, tokenizer: SoraTokenizer, name: str, data: TaskD
     was = model.training
     model.eval()
     x = _features(model, tokenizer, name, data.train, data, max_length)
+    ratio = collapse_ratio(x)
+    if ratio < COLLAPSED:
+        warnings.warn(f"task {name!r}: the starting model's codes barely differ between texts (spread "
+                      f"{ratio:.1%} of their norm): the checkpoint looks collapsed, so its head starts weak; "
+                      "pretrain longer or with the contrastive objective", SoraWarning, stacklevel=2)
     y = label_tensor(data.train, spec.type, spec.labels)
     n_labels = len(spec.labels or [])
     head = model.heads[name].out
@@ -133,13 +163,15 @@ def init_head(model: SoraModel, tokenizer: SoraTokenizer, name: str, data: TaskD
     if how == "prototype" or len(set(y.tolist())) < 2:
         m = x.mean(0)
         mus = torch.stack([x[y == c].mean(0) if (y == c).any() else m for c in range(n_labels)])
-        a = 2.0 / ((x - mus[y]) ** 2).sum(1).mean().clamp(min=1e-6)
+        # The same floor as the probe's: on near-collapsed codes the class means are close and ``a`` explodes.
+        floor = (SPREAD_FLOOR * x.pow(2).mean().sqrt()) ** 2 * x.shape[1]
+        a = 2.0 / (((x - mus[y]) ** 2).sum(1).mean() + floor).clamp(min=1e-12)
         head.weight.copy_(a * (mus - m))
         head.bias.copy_(-a * ((mus - m) * m).sum(1) - 0.5 * a * ((mus - m) ** 2).sum(1))
     else:
         from sklearn.linear_model import LogisticRegression
 
-        mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
+        mu, sd = probe_scale(x)
         xs = ((x - mu) / sd).numpy()
         xv = yv = None
         if data.validation:
