@@ -1,10 +1,11 @@
 """``sora serve`` end to end, against real server processes on free loopback ports.
 
-One tiny fine-tuned model (a pair head and two single-text heads) is built once; four servers start in
+One tiny fine-tuned model (a pair head and two single-text heads) is built once; five servers start in
 parallel: "open" (no key, small limits), "auth" (SORA_API_KEY set), "slow" (--max-queue 1, a long
---max-wait-ms: 429s and the SIGTERM drain) and "workers" (--workers 2, multi-process metrics). Also: the
-batcher on its own, readiness before the model has loaded (in-process), the Python client and
-``sora predict --url``, schemathesis against /openapi.json, and that the deploy/ manifests parse.
+--max-wait-ms: 429s and the SIGTERM drain), "workers" (--workers 2, multi-process metrics) and "limits" (a
+small body size and time limit: raw sockets that send too much, too slowly, or leave). Also: the batcher on
+its own, readiness before the model has loaded (in-process), the Python client and ``sora predict --url``,
+schemathesis against /openapi.json, and that the deploy/ manifests parse.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import sora
 from sora.client import SoraClient, SoraClientError
-from sora.config import load_finetune_recipe, load_recipe
+from sora.config import TaskConfig, load_finetune_recipe, load_recipe
 from sora.serve.batcher import BatcherClosed, MicroBatcher, QueueFull
+from sora.serve.settings import BODY_TIMEOUT_ENV, MAX_BODY_ENV
 from sora.train.finetune import run_finetune
 from sora.train.pretrain import run_pretrain
 
@@ -56,6 +58,7 @@ METRIC_NAMES = ["sora_requests_total", "sora_request_duration_seconds", "sora_qu
                 "sora_inference_duration_seconds", "sora_batch_size", "sora_queue_depth", "sora_inflight_requests",
                 "sora_model_info"]
 TEXTS = ["my parcel has not arrived yet", "the bank raised its dividend", "I was charged twice for one order"]
+LIMITS_ENV = {MAX_BODY_ENV: "16384", BODY_TIMEOUT_ENV: "1.5"}  # the "limits" server's, set the way operators do
 
 
 # ---- the model and the servers -------------------------------------------------------------------------------
@@ -104,10 +107,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, log: Path, *args: str, key: str | None = None, multiproc: Path | None = None
-                 ) -> Server:
-    env = {k: v for k, v in os.environ.items() if k not in ("SORA_API_KEY", "PROMETHEUS_MULTIPROC_DIR")}
+def start_server(model: Path, log: Path, *args: str, key: str | None = None, multiproc: Path | None = None,
+                 extra_env: dict[str, str] | None = None) -> Server:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("SORA_API_KEY", "PROMETHEUS_MULTIPROC_DIR", MAX_BODY_ENV, BODY_TIMEOUT_ENV)}
     env["OMP_NUM_THREADS"] = "1"
+    env.update(extra_env or {})
     if key:
         env["SORA_API_KEY"] = key
     if multiproc:
@@ -147,6 +152,7 @@ def servers(model_dir, tmp_path_factory):
         "slow": start_server(model_dir, logs / "slow.log", "--max-queue", "1", "--max-wait-ms", "3000"),
         "workers": start_server(model_dir, logs / "workers.log", "--workers", "2", multiproc=logs / "prometheus"),
         "broken": start_server(broken, logs / "broken.log"),
+        "limits": start_server(model_dir, logs / "limits.log", extra_env=LIMITS_ENV),
     }
     try:
         for name, server in started.items():
@@ -193,6 +199,58 @@ def wait_for_metric(url: str, name: str, at_least: float, timeout: float = 20.0)
         time.sleep(0.02)
 
 
+def requests_counted(url: str, route: str, status: int) -> float:
+    return metric_values(httpx.get(url + "/metrics").text).get(
+        ("sora_requests_total", (("route", route), ("status", str(status)))), 0.0)
+
+
+# ---- raw HTTP/1.1 over a socket: what httpx hides (stalls, partial bodies, chunking, the connection's fate) ------
+
+
+def connect(url: str, timeout: float = 20.0) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=timeout)
+
+
+def request_head(path: str, *headers: str) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: sora.test", "Content-Type: application/json", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def send_json(sock: socket.socket, path: str, body: bytes) -> None:
+    sock.sendall(request_head(path, f"Content-Length: {len(body)}") + body)
+
+
+def chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One response (uvicorn frames these with Content-Length): status, headers (lower-case names), body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        got = sock.recv(65536)
+        if not got:
+            raise ConnectionError(f"connection closed; received {data!r}")
+        data += got
+    head, body = data.split(b"\r\n\r\n", 1)
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, value in (line.split(":", 1) for line in lines)}
+    while len(body) < int(headers.get("content-length", 0)):
+        got = sock.recv(65536)
+        if not got:
+            break
+        body += got
+    return int(status_line.split()[1]), headers, body
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
 # ---- routes -----------------------------------------------------------------------------------------------
 
 
@@ -204,6 +262,15 @@ def test_health_ready_docs_openapi(url):
     schema = httpx.get(url + "/openapi.json").json()
     assert {"/v1/embed", "/v1/predict", "/v1/models", "/healthz", "/readyz"} <= set(schema["paths"])
     assert "securitySchemes" not in schema.get("components", {})  # no key configured: no auth in the schema
+
+
+def test_probes_answer_head(url):
+    """Load balancers probe with HEAD: same status as GET, no body."""
+    for path in ("/healthz", "/readyz"):
+        r = httpx.head(url + path)
+        assert r.status_code == 200 and r.content == b"", (path, r.status_code)
+    schema = httpx.get(url + "/openapi.json").json()
+    assert set(schema["paths"]["/healthz"]) == {"get"}  # HEAD is not repeated in the schema
 
 
 def test_embed_matches_in_process_and_sets_timing_headers(url, local):
@@ -260,7 +327,8 @@ def test_models_card(url, model_dir):
     config = json.loads((model_dir / "model" / "config.json").read_text())
     assert card["name"] == model_dir.name and card["backend"] == "torch"
     assert card["version"].startswith("sha256:") and card["sora_version"] == sora.__version__
-    assert card["tasks"]["topic"] == {"type": "classification", "pair": False, "pair_mode": "cross",
+    default_pair_mode = TaskConfig.model_fields["pair_mode"].default  # what the fixture's recipes leave it at
+    assert card["tasks"]["topic"] == {"type": "classification", "pair": False, "pair_mode": default_pair_mode,
                                       "labels": LABELS, "metric": "accuracy"}
     assert card["tasks"]["same_topic"]["pair"] is True
     assert card["validation"] == pytest.approx(config["metadata"]["validation"])  # measured accuracy
@@ -292,6 +360,36 @@ def test_malformed_json_and_surrogates_422(url):
     assert r.status_code == 422
     r = httpx.post(url + "/v1/embed", content=b'{"texts": ["\\ud800"]}', headers={"Content-Type": "application/json"})
     assert r.status_code == 422, r.text
+
+
+NON_FINITE_BODIES = [("/v1/embed", b'{"texts": [1e400]}'), ("/v1/embed", b'{"texts": [NaN]}'),
+                     ("/v1/embed", b'{"texts": ["a"], "normalize": Infinity}'),
+                     ("/v1/embed", b'{"texts": ["a"], "extra": {"deep": [-Infinity]}}'),
+                     ("/v1/predict", b'{"pairs": [["a", NaN]]}'), ("/v1/predict", b'[1e400, NaN]'),
+                     ("/v1/predict", b'{"texts": ["a"], "pairs": [["a", "b"]], "x": -1e999}')]
+
+
+def test_non_finite_numbers_get_a_clean_422_on_a_kept_connection(url):
+    """json.loads reads NaN, Infinity and 1e400: the 422 must not echo them (JSON cannot carry them; echoing them
+    was a 500 that dropped the keep-alive connection)."""
+    server_errors = sum(requests_counted(url, r, 500) for r in ("/v1/embed", "/v1/predict"))
+    invalid = sum(requests_counted(url, r, 422) for r in ("/v1/embed", "/v1/predict"))
+
+    def strict(constant: str):
+        raise AssertionError(f"the answer holds {constant}")
+
+    with connect(url) as sock:
+        for path, body in NON_FINITE_BODIES:
+            send_json(sock, path, body)
+            status, headers, answer = read_response(sock)
+            assert status == 422, (body, status, answer)
+            detail = json.loads(answer, parse_constant=strict)["detail"]
+            assert detail and all({"type", "loc", "msg"} <= set(e) for e in detail), detail
+            assert headers.get("connection") != "close"
+        send_json(sock, "/v1/embed", b'{"texts": ["still here"]}')  # the same connection still serves
+        assert read_response(sock)[0] == 200
+    assert sum(requests_counted(url, r, 500) for r in ("/v1/embed", "/v1/predict")) == server_errors
+    assert sum(requests_counted(url, r, 422) for r in ("/v1/embed", "/v1/predict")) == invalid + len(NON_FINITE_BODIES)
 
 
 def test_auth(servers):
@@ -423,6 +521,34 @@ def test_cli_predict_url(url, local, tmp_path, capsys, monkeypatch):
 # ---- schemathesis -------------------------------------------------------------------------------------------
 
 
+# Schemathesis (through requests) never writes NaN or Infinity; this hook sends them. Every other negative case
+# with a JSON object body gets one of its values replaced by a non-finite number and goes out as raw bytes.
+NON_FINITE_HOOK = """
+import json
+import schemathesis
+
+TOKENS = ["NaN", "Infinity", "-Infinity", "1e400"]
+seen = 0
+
+
+@schemathesis.hook
+def map_case(context, case):
+    global seen
+    body = case.body
+    if not (case.meta and case.meta.generation.mode.is_negative and isinstance(body, dict) and body):
+        return case
+    seen += 1
+    if seen % 2:
+        return case
+    key = sorted(body)[seen // 2 % len(body)]
+    text = json.dumps({**body, key: "@non-finite@"}).replace('"@non-finite@"', TOKENS[seen // 2 % len(TOKENS)])
+    case.body = text.encode()
+    with open("non-finite.log", "a") as log:
+        log.write(text + "\\n")
+    return case
+"""
+
+
 def test_schemathesis_finds_no_server_errors(url, tmp_path):
     st = shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or shutil.which("schemathesis")
     if st is None:
@@ -432,12 +558,16 @@ def test_schemathesis_finds_no_server_errors(url, tmp_path):
     config = tmp_path / "schemathesis.toml"
     config.write_text("[checks.negative_data_rejection]\n"
                       "expected-statuses = [400, 401, 403, 404, 405, 406, 409, 413, 415, 422, 428, 429]\n")
+    (tmp_path / "non_finite_hook.py").write_text(NON_FINITE_HOOK)
     proc = subprocess.run([st, "--config-file", str(config), "run", f"{url}/openapi.json", "--max-examples", "20",
                            "--workers", "1", "--seed", "7", "--checks", "all", "--generation-database", "none",
                            "--no-color"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**os.environ, "SCHEMATHESIS_HOOKS": str(tmp_path / "non_finite_hook.py")})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "No issues found" in proc.stdout
+    sent = (tmp_path / "non-finite.log").read_text().splitlines()
+    assert len(sent) >= 5 and all(any(token in line for line in sent) for token in ("NaN", "Infinity", "1e400")), sent
 
 
 # ---- back-pressure and shutdown (the "slow" server: --max-queue 1 --max-wait-ms 3000) -------------------------
@@ -449,6 +579,28 @@ def test_full_queue_answers_429_with_retry_after(servers):
     assert set(codes) <= {200, 429} and codes.count(200) >= 1 and codes.count(429) >= 1, codes
     busy = next(r for r in responses if r.status_code == 429)
     assert int(busy.headers["Retry-After"]) >= 1 and "retry after" in busy.json()["detail"]
+
+
+def test_a_full_queue_refuses_before_parsing_the_body(servers):
+    """With the queue full, a request gets its 429 before its body is parsed (or its texts tokenised): a body
+    that does not even parse is answered 429, not 422."""
+    server = servers["slow"]
+    held = connect(server.url)  # a batched request still uploading: the batcher waits for it (--max-wait-ms)
+    held.sendall(request_head("/v1/embed", "Content-Length: 100") + b'{"tex')
+    wait_for_metric(server.url, "sora_inflight_requests", 2)
+    result: dict = {}
+    first = threading.Thread(target=lambda: result.update(r=post(server.url, "/v1/embed", {"texts": ["first"]})))
+    first.start()
+    try:
+        wait_for_metric(server.url, "sora_queue_depth", 1)  # the only place (--max-queue 1) is taken
+        for body in (b'{"texts": [', b'{"texts": 5}', b'{"texts": ["fine"]}'):
+            r = httpx.post(server.url + "/v1/embed", content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 429, (body, r.status_code, r.text)
+            assert int(r.headers["Retry-After"]) >= 1 and "retry after" in r.json()["detail"]
+    finally:
+        held.close()  # the batcher stops waiting for it
+        first.join(30)
+    assert result["r"].status_code == 200
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(servers):
@@ -483,6 +635,82 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(servers):
     assert result["r"].status_code == 200 and result["r"].json()["embeddings"]
     assert server.proc.wait(30) == 0, server.output()
     assert "Application shutdown complete" in server.output()
+
+
+# ---- request bodies: size and time limits (the "limits" server: 16 KiB, 1.5 s, from the environment) ------------
+
+
+def test_body_limits_come_from_the_environment(servers):
+    limits = httpx.get(servers["limits"].url + "/v1/models").json()["models"][0]["limits"]
+    assert limits["max_body_bytes"] == 16384 and limits["body_timeout_s"] == 1.5
+
+
+def test_a_body_over_the_limit_by_content_length_is_refused_before_it_is_sent(servers):
+    url = servers["limits"].url
+    with connect(url, timeout=5) as sock:
+        sock.sendall(request_head("/v1/embed", "Content-Length: 100000000"))  # the head only, not a byte more
+        status, headers, body = read_response(sock)  # 413, not 408: refused without waiting for the body
+        assert status == 413 and "Content-Length 100000000 > max_body_bytes 16384" in json.loads(body)["detail"]
+        assert headers["connection"] == "close" and closed_by_server(sock)  # the rest is never read
+
+
+def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_limit(servers):
+    url = servers["limits"].url
+    with connect(url, timeout=5) as sock:  # under the limit, in chunks: accepted
+        text = json.dumps({"texts": ["chunked but small"]}).encode()
+        sock.sendall(request_head("/v1/embed", "Transfer-Encoding: chunked") + chunk(text[:9]) + chunk(text[9:])
+                     + b"0\r\n\r\n")
+        assert read_response(sock)[0] == 200
+    with connect(url, timeout=5) as sock:  # 20 KiB so far, no end in sight: refused without waiting for more
+        sock.sendall(request_head("/v1/embed", "Transfer-Encoding: chunked") + chunk(b'{"texts": ["')
+                     + chunk(b"x" * 4096) * 5)
+        status, headers, body = read_response(sock)
+        assert status == 413 and "over max_body_bytes 16384" in json.loads(body)["detail"]
+        assert headers["connection"] == "close" and closed_by_server(sock)
+
+
+def test_a_stalled_body_gets_408_and_leaves_the_inflight_gauge(servers):
+    url = servers["limits"].url
+    timeouts = requests_counted(url, "/v1/embed", 408)
+    with connect(url) as sock:
+        t0 = time.monotonic()
+        sock.sendall(request_head("/v1/embed", "Content-Length: 100") + b'{"texts": ')
+        wait_for_metric(url, "sora_inflight_requests", 2)  # the stalled upload and this scrape
+        status, headers, body = read_response(sock)
+        assert 1.4 < time.monotonic() - t0 < 10.0  # body_timeout_s is 1.5 s, counted from the request's head
+        assert status == 408 and "body_timeout_s 1.5" in json.loads(body)["detail"]
+        assert headers["connection"] == "close" and closed_by_server(sock)
+    values = metric_values(httpx.get(url + "/metrics").text)
+    assert values[("sora_inflight_requests", ())] == 1  # only this scrape
+    assert requests_counted(url, "/v1/embed", 408) == timeouts + 1
+
+
+def test_a_client_that_leaves_mid_body_counts_as_499_not_400(servers):
+    url = servers["limits"].url
+    before = {code: requests_counted(url, "/v1/embed", code) for code in (400, 499)}
+    with connect(url) as sock:
+        sock.sendall(request_head("/v1/embed", "Content-Length: 100") + b'{"texts": ')
+        wait_for_metric(url, "sora_inflight_requests", 2)
+    deadline = time.monotonic() + 10
+    while requests_counted(url, "/v1/embed", 499) == before[499]:
+        assert time.monotonic() < deadline, "the disconnect was never counted as 499"
+        time.sleep(0.05)
+    assert requests_counted(url, "/v1/embed", 499) == before[499] + 1
+    assert requests_counted(url, "/v1/embed", 400) == before[400]
+
+
+def test_a_stalled_upload_does_not_hold_the_sigterm_drain(servers):
+    """SIGTERM with an upload stalled mid-body: the process exits 0 once body_timeout_s (1.5 s) has cut it, not
+    after --graceful-timeout (30 s); the stalled client is told 408."""
+    server = servers["limits"]
+    with connect(server.url) as sock:
+        sock.sendall(request_head("/v1/embed", "Content-Length: 100") + b'{"texts": ')
+        wait_for_metric(server.url, "sora_inflight_requests", 2)
+        t0 = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(10) == 0, server.output()
+        assert time.monotonic() - t0 < 8.0
+        assert read_response(sock)[0] == 408
 
 
 def test_two_workers_share_metrics_and_stop_cleanly(servers):
@@ -547,6 +775,7 @@ def test_readyz_is_503_until_the_model_is_loaded(model_dir, monkeypatch):
     with TestClient(create_app(ServeSettings(checkpoint=str(model_dir)))) as client:
         r = client.get("/readyz")
         assert r.status_code == 503 and r.json()["status"] == "loading"
+        assert client.head("/readyz").status_code == 503
         assert client.get("/healthz").status_code == 200
         r = client.post("/v1/embed", json={"texts": ["a"]})
         assert r.status_code == 503 and r.headers["Retry-After"] == "1"
@@ -556,6 +785,24 @@ def test_readyz_is_503_until_the_model_is_loaded(model_dir, monkeypatch):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert client.post("/v1/embed", json={"texts": ["a"]}).status_code == 200
+
+
+def test_the_routes_open_without_a_key_are_the_documented_ones(model_dir, monkeypatch):
+    """With a key set, every route that answers without it is one meant to be open (probes, metrics, the docs)
+    and docs/deploy.md says so."""
+    from fastapi.testclient import TestClient
+
+    from sora.serve import ServeSettings, create_app
+
+    monkeypatch.setenv("SORA_API_KEY", KEY)
+    app = create_app(ServeSettings(checkpoint=str(model_dir)))
+    client = TestClient(app)  # no lifespan: the model is not loaded, and need not be
+    open_paths = {route.path for route in app.routes for method in getattr(route, "methods", None) or ()
+                  if client.request(method, route.path).status_code != 401}
+    assert open_paths == {"/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/openapi.json"}
+    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    auth = deploy[deploy.index("**Auth.**"):].split("\n\n", 1)[0]
+    assert all(f"`{path}`" in auth for path in open_paths), auth
 
 
 def _batcher(record: list, **kw) -> MicroBatcher:

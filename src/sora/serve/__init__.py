@@ -1,6 +1,6 @@
 """HTTP serving: FastAPI + uvicorn, dynamic micro-batching, Prometheus metrics (``sora serve``).
 
-    settings (ServeSettings) → app.create_app → routes (registry) → deps (auth, limits, readiness)
+    settings (ServeSettings) → app.create_app → body.BodyLimits → routes (registry) → deps (auth, limits, readiness)
                                                → state.ServeState → batcher.MicroBatcher → engine.Engine (Sora)
 """
 

@@ -1,13 +1,14 @@
 """The FastAPI application: ``create_app(settings)``.
 
-Open without a key: /healthz (live), /readyz (model loaded and warmed), /metrics (Prometheus), /docs and
-/openapi.json. Every model route (/v1/...) needs ``Authorization: Bearer <key>`` when the env var named by
-``--api-key-env`` is set.
+Open without a key: /healthz (live) and /readyz (model loaded and warmed), GET or HEAD; /metrics (Prometheus);
+the API's docs, /docs (Swagger UI), /redoc (ReDoc) and /openapi.json. Every model route (/v1/...) needs
+``Authorization: Bearer <key>`` when the env var named by ``--api-key-env`` is set.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
@@ -24,8 +25,9 @@ from sora import __version__
 from sora.errors import SoraError
 from sora.serve import routes as route_registry
 from sora.serve.batcher import BatcherClosed, QueueFull
+from sora.serve.body import BodyLimits
 from sora.serve.deps import NotReady, State
-from sora.serve.metrics import OTHER_ROUTE
+from sora.serve.metrics import CLIENT_CLOSED, OTHER_ROUTE
 from sora.serve.schemas import Health, Readiness
 from sora.serve.settings import ServeSettings
 from sora.serve.state import ServeState
@@ -35,7 +37,10 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class Observability:
-    """Pure ASGI middleware: X-Request-ID, Server-Timing, in-flight gauge, per-route count and latency."""
+    """Pure ASGI middleware: X-Request-ID, Server-Timing, in-flight gauge, per-route count and latency.
+
+    A client that disconnects before its answer is counted as 499 (nginx's "client closed request"), whatever the
+    application then tried to send: it is not the client's error (400) nor the server's (5xx)."""
 
     def __init__(self, app: ASGIApp, state: ServeState):
         self.app, self.state = app, state
@@ -56,16 +61,25 @@ class Observability:
         local = scope.setdefault("state", {})
         local["request_id"] = rid
         status = 500
+        gone = False  # the client disconnected before the response started
+        responded = False
         st, metrics = self.state, self.state.metrics
         batched = scope["path"] in st.batched_paths
         metrics.inflight.inc()
         if batched:
             st.batched_inflight += 1
 
+        async def receive_watching() -> Message:
+            nonlocal gone
+            message = await receive()
+            if message["type"] == "http.disconnect" and not responded:
+                gone = True
+            return message
+
         async def send_with_headers(message: Message) -> None:
-            nonlocal status
+            nonlocal status, responded
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, responded = message["status"], True
                 headers = MutableHeaders(scope=message)
                 headers["X-Request-ID"] = rid
                 timing = local.get("timing") or {}
@@ -75,14 +89,16 @@ class Observability:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_headers)
+            await self.app(scope, receive_watching, send_with_headers)
         finally:
             metrics.inflight.dec()
             if batched:
                 st.batched_inflight -= 1
                 st.batcher.notify()
-            path = getattr(scope.get("route"), "path", None)
-            metrics.observe_request(path if path in self.known else OTHER_ROUTE, status, time.perf_counter() - t0)
+            # No route when the body limits answered before routing: then the path, if it is a route's.
+            path = getattr(scope.get("route"), "path", None) or scope["path"]
+            metrics.observe_request(path if path in self.known else OTHER_ROUTE, CLIENT_CLOSED if gone else status,
+                                    time.perf_counter() - t0)
 
 
 class AsciiJSONResponse(JSONResponse):
@@ -109,6 +125,23 @@ def _document_limits(schema: dict, settings: ServeSettings) -> None:
                     text["maxLength"] = settings.max_chars
 
 
+def _finite(value) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(_finite(v) for v in value)
+    return True
+
+
+def _json_safe(errors: list[dict]) -> list[dict]:
+    """Validation errors without the parts that hold NaN or ±Infinity (``input``, mostly). json.loads reads
+    ``NaN``, ``Infinity`` and ``1e400`` anywhere in a body; echoed back, they cannot be written as JSON, and the
+    422 became a 500 that dropped the connection."""
+    return [{k: v for k, v in error.items() if _finite(v)} for error in errors]
+
+
 def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
@@ -124,7 +157,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
                   summary="Sentence vectors and task-head predictions from a Sora checkpoint",
                   description="Micro-batched inference: concurrent requests share forward passes. "
                               "Model routes need `Authorization: Bearer <key>` when the server has a key; "
-                              "/healthz, /readyz, /metrics and these docs are open.")
+                              "/healthz, /readyz, /metrics and these docs (/docs, /redoc, /openapi.json) are open.",
+                  swagger_ui_oauth2_redirect_url=None)  # no OAuth2 flow here: one open page fewer
     specs = route_registry.mount(app, auth=settings.api_key() is not None)
     base_openapi = app.openapi
 
@@ -137,12 +171,16 @@ def create_app(settings: ServeSettings) -> FastAPI:
     state = ServeState(settings, [s.path for s in specs] + OPEN_ROUTES, {s.path for s in specs if s.batched})
     app.state.sora = state
 
-    @app.get("/healthz", response_model=Health, tags=["ops"], summary="Liveness: the process answers")
+    # Probes answer HEAD too (load balancers send it), a route of its own left out of the schema (one route with
+    # both methods would give both the same operationId). GET is registered first: its Allow header answers OPTIONS.
+    @app.head("/healthz", response_model=Health, include_in_schema=False)
+    @app.get("/healthz", response_model=Health, tags=["ops"], summary="Liveness: the process answers (GET or HEAD)")
     async def healthz() -> Health:
         return Health()
 
+    @app.head("/readyz", response_model=Readiness, include_in_schema=False)
     @app.get("/readyz", response_model=Readiness, tags=["ops"],
-             summary="Readiness: the model is loaded and warmed (503 until then, and while draining)",
+             summary="Readiness: the model is loaded and warmed (503 until then, and while draining; GET or HEAD)",
              responses={503: {"model": Readiness, "description": "loading, failed or draining"}})
     async def readyz(st: State, response: Response) -> Readiness:
         ready = st.ready and not st.batcher.closing
@@ -158,7 +196,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return AsciiJSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+        return AsciiJSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
 
     @app.exception_handler(QueueFull)
     async def queue_full(_: Request, exc: QueueFull) -> JSONResponse:
@@ -176,7 +214,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
     async def sora_error(_: Request, exc: SoraError) -> JSONResponse:
         return _error(400, str(exc))
 
-    app.add_middleware(Observability, state=state)
+    app.add_middleware(BodyLimits, max_bytes=settings.body_limit(), timeout_s=settings.body_timeout_s)
+    app.add_middleware(Observability, state=state)  # outermost: it counts what BodyLimits refuses too
     return app
 
 

@@ -123,11 +123,16 @@ class MicroBatcher:
         batches_ahead = self.depth / max(self._batch_jobs, 1.0) + 1
         return max(1, min(60, math.ceil(batches_ahead * self._batch_s)))
 
+    def check_capacity(self) -> None:
+        """QueueFull if a job submitted now would be refused: cheap, so a server can refuse a request before it
+        parses and tokenises it."""
+        if self.depth >= self.max_queue:
+            raise QueueFull(self.depth, self.retry_after())
+
     def submit(self, key: Hashable, items: Sequence[Any], tokens: int, payload: Any = None) -> Job:
         if self._closing or self._worker is None:
             raise BatcherClosed("the server is shutting down")
-        if self.depth >= self.max_queue:
-            raise QueueFull(self.depth, self.retry_after())
+        self.check_capacity()
         job = Job(key, items, max(1, tokens), payload, asyncio.get_running_loop().create_future())
         self._pending.append(job)
         self._depth_changed()

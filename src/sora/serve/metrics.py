@@ -24,8 +24,9 @@ from prometheus_client import (
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-STATUSES = ("200", "400", "401", "404", "413", "422", "429", "500", "503")
+STATUSES = ("200", "400", "401", "404", "408", "413", "422", "429", "499", "500", "503")
 OTHER_ROUTE = "other"  # paths that match no route (label kept bounded)
+CLIENT_CLOSED = 499  # the client left before its answer (nginx's code): not its error (400), nor ours (5xx)
 
 
 def multiprocess_dir() -> str | None:

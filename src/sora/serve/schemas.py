@@ -112,6 +112,8 @@ class Limits(BaseModel):
     max_batch_tokens: int
     max_queue: int
     max_wait_ms: float
+    max_body_bytes: int
+    body_timeout_s: float
 
 
 class ModelCard(BaseModel):

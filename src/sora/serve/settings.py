@@ -8,6 +8,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 SETTINGS_ENV = "SORA_SERVE_SETTINGS"
+MAX_BODY_ENV, BODY_TIMEOUT_ENV = "SORA_MAX_BODY_BYTES", "SORA_BODY_TIMEOUT_S"
+# The most JSON one character can take: an astral one, escaped as a surrogate pair ("\ud83d\ude00").
+_JSON_BYTES_PER_CHAR = 12
 
 
 class ServeSettings(BaseModel):
@@ -25,6 +28,12 @@ class ServeSettings(BaseModel):
     max_queue: int = Field(1024, ge=1)  # requests waiting for a forward pass; more → 429
     max_texts: int = Field(256, ge=1)  # texts (or pairs) per request; more → 413
     max_chars: int = Field(5000, ge=1)  # characters per text; more → 413
+    # Request bodies: more bytes → 413 (by Content-Length before reading, else as they arrive); not all received
+    # within body_timeout_s → 408. Unset max_body_bytes: the largest body max_texts and max_chars can let through.
+    max_body_bytes: int | None = Field(default_factory=lambda: os.environ.get(MAX_BODY_ENV) or None, ge=1,
+                                       validate_default=True)
+    body_timeout_s: float = Field(default_factory=lambda: os.environ.get(BODY_TIMEOUT_ENV) or 10.0, gt=0,
+                                  validate_default=True)
     backend: Literal["auto", "torch", "onnx"] = "auto"  # auto: what the checkpoint says (sora compress)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # the encoder's; auto: the checkpoint's
     device: str = "cpu"
@@ -37,6 +46,14 @@ class ServeSettings(BaseModel):
         if not self.api_key_env:
             return None
         return os.environ.get(self.api_key_env) or None
+
+    def body_limit(self) -> int:
+        """max_body_bytes, or room for max_texts pairs of max_chars-character texts, each character as JSON's
+        longest escape, plus 64 KiB for the rest: a body that passes --max-texts and --max-chars is never refused
+        for its size."""
+        if self.max_body_bytes is not None:
+            return self.max_body_bytes
+        return 2 * self.max_texts * self.max_chars * _JSON_BYTES_PER_CHAR + 65536
 
     def to_env(self) -> str:
         return self.model_dump_json()

@@ -113,6 +113,7 @@ class ServeState:
     async def infer(self, scope_state: dict, key, items: list[Any], payload: Any) -> Any:
         """Run one request's items through the batcher; its timings go where the middleware reads them."""
         assert self.engine is not None
+        self.batcher.check_capacity()  # before tokenising: the queue may have filled since the request was admitted
         job = await self.batcher(key, items, self.engine.count_tokens(items), payload)
         timing = scope_state.setdefault("timing", {})
         timing["queue"] = max(timing.get("queue", 0.0), job.queue_s)
