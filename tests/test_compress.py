@@ -315,3 +315,119 @@ def test_cli(finetuned, tmp_path, capsys, monkeypatch):
     code, out, err = run(str(finetuned), "-o", str(tmp_path / "o"), "--method", "prune", "--prune-heads", "0.25",
                          "--max-drop", "100")
     assert code == 0 and "model: " in out and (tmp_path / "o" / "model.safetensors").is_file()
+
+
+def test_onnx_export_changes_neither_the_model_nor_the_transformer_module(finetuned, tmp_path, monkeypatch):
+    """Export used to swap ``sora.models.transformer.F`` (for math attention) and switch the caller's encoder to
+    its padded path while it ran, so a server using the model meanwhile ran other code. Checked mid-export (as
+    ``torch.onnx.export`` starts): every attribute of the module is the same object, and the caller's model is
+    as it was and gives bit-identical codes; after export too."""
+    from sora.models import transformer
+
+    loaded = sora.load(finetuned)
+    model = loaded.model
+    batch = collate(loaded.tokenizer.encode(["refund please", "ok", *texts()[:3]], 32), loaded.tokenizer.pad_id)
+    assert not batch["attention_mask"].all()  # padded: the encoder's usual path packs the real tokens
+
+    def codes() -> torch.Tensor:
+        with torch.inference_mode():
+            return model.embed(batch["input_ids"], batch["attention_mask"])
+
+    def settings() -> list:  # every module's plain attributes: training, encoder.unpad, attention kind, ...
+        return [(n, {k: v for k, v in vars(m).items() if not k.startswith("_")}) for n, m in model.named_modules()]
+
+    def unchanged(attrs: dict) -> bool:  # (the tracer's warnings may add a __warningregistry__)
+        return all(attrs.get(k) is v for k, v in before.items())
+
+    reference, before, configured = codes(), dict(vars(transformer)), settings()
+    seen = []
+    export = torch.onnx.export
+
+    def spy(*args, **kwargs):
+        seen.append((dict(vars(transformer)), settings(), codes()))
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", spy)
+    for attention in ("sdpa", "math"):
+        assert export_onnx(model, tmp_path / f"{attention}.onnx", batch, attention=attention) == attention
+    assert len(seen) == 2
+    for attrs, mid_export, mid_codes in seen:
+        assert unchanged(attrs)
+        assert mid_export == configured
+        assert torch.equal(mid_codes, reference)
+    assert unchanged(dict(vars(transformer))) and settings() == configured and torch.equal(codes(), reference)
+
+
+# ---- pairs: cross-encoded and siamese heads through ONNX Runtime ---------------------------------------------------
+
+def pair_rows(split: str, n: int, seed: int = 0) -> list[dict]:
+    """Two pairs per sample text: with another text of its topic ("same") and of another topic ("different")."""
+    import random
+
+    rows = [json.loads(line) for line in (SAMPLE / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()][:n]
+    rng = random.Random(seed)
+    out = []
+    for r in rows:
+        for label in ("same", "different"):
+            other = rng.choice([o for o in rows if o is not r and (o["label"] == r["label"]) == (label == "same")])
+            out.append({"text": r["text"], "text_b": other["text"], "label": label})
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair_model(tmp_path_factory) -> dict[str, Path | dict]:
+    """A tiny model fine-tuned on two pair tasks, cross-encoded and siamese (normalised codes), compressed to
+    ONNX fp32 and int8."""
+    root = tmp_path_factory.mktemp("pairs")
+    data = root / "data"
+    data.mkdir()
+    for split, n in (("train", 120), ("validation", 40)):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pair_rows(split, n)))
+    run_pretrain(load_recipe(None, {**TINY_PRETRAIN, "data.train": str(SAMPLE / "train.jsonl"),
+                                    "output": str(root / "pre"), "train.max_steps": 30,
+                                    "objectives.1.name": "contrastive", "objectives.1.ratio": 0.3}))
+    run_finetune(load_finetune_recipe(None, {
+        **FINETUNE, "finetune.init": str(root / "pre"), "output": str(root / "ft"),
+        "tasks.0.name": "cross", "tasks.0.data": str(data), "tasks.0.pair_mode": "cross",
+        "tasks.1.name": "siamese", "tasks.1.data": str(data), "tasks.1.pair_mode": "siamese",
+        "tasks.1.normalize": True}))
+    out = {"model": root / "ft" / "model", "pairs": pair_rows("validation", 40)}
+    for method in ("onnx", "onnx-int8"):
+        out[method] = compress(out["model"], root / method, method, max_drop=ALWAYS)
+    return out
+
+
+def test_onnx_pair_heads_run_in_onnx_runtime_and_match_torch(pair_model, monkeypatch):
+    path = Path(pair_model["onnx"]["output"])
+    pairs = [(r["text"], r["text_b"]) for r in pair_model["pairs"]]
+    reference = sora.load(path, backend="torch").predict(pairs)
+    model = sora.load(path)
+    assert model.onnx is not None
+
+    def no_torch_encoder(*args, **kwargs):
+        raise AssertionError("the PyTorch encoder ran for an ONNX checkpoint")
+
+    monkeypatch.setattr(model.model.encoder, "forward", no_torch_encoder)
+    runs, run = [], model.onnx.session.run
+    monkeypatch.setattr(model.onnx.session, "run", lambda *a, **k: runs.append(a) or run(*a, **k))
+    predictions = model.predict(pairs)
+    assert len(runs) == 2 * 3  # 80 pairs in 2 batches of up to 64: once cross-encoded, twice (a, b) for siamese
+    for task in ("cross", "siamese"):
+        clear = [i for i, r in enumerate(reference) if top2_gap(r[task]["scores"]) > 0.05]
+        assert len(clear) >= len(pairs) // 2, task  # the comparison is not among near-ties
+        for i in clear:
+            assert predictions[i][task]["label"] == reference[i][task]["label"], (task, i)
+        for got, want in zip(predictions, reference, strict=True):
+            for label, p in want[task]["scores"].items():
+                assert got[task]["scores"][label] == pytest.approx(p, abs=1e-4), task
+
+
+def test_the_gate_measures_the_onnx_pair_path_that_is_served(pair_model):
+    """The accuracy the gate recorded is the accuracy of ``sora.load(...).predict(pairs)``, int8 included."""
+    rows = pair_model["pairs"]
+    for method in ("onnx", "onnx-int8"):
+        result = pair_model[method]
+        predictions = sora.load(result["output"]).predict([(r["text"], r["text_b"]) for r in rows])
+        for task in ("cross", "siamese"):
+            accuracy = np.mean([p[task]["label"] == r["label"] for p, r in zip(predictions, rows, strict=True)])
+            assert accuracy == pytest.approx(result["validation_after"][f"{task}/accuracy"]), (method, task)

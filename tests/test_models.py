@@ -111,3 +111,28 @@ def test_inference_rounds_the_packed_rows_and_gives_the_same_codes():
         hook.remove()
         torch.testing.assert_close(packed, _codes(model, batch, False), atol=1e-5, rtol=1e-4)
     assert heights == [bucket_rows(real)]
+
+
+def test_decoder_ignores_the_padding_of_its_memory():
+    """A decoder cross-attending to padded states (not Sora's one code vector) must not attend to the padding:
+    each row decodes as it would against its unpadded memory, whatever the padded positions hold."""
+    from sora.models.transformer import Decoder
+
+    torch.manual_seed(0)
+    word = torch.nn.Embedding(50, 32)
+    decoder = Decoder(word, dim=32, layers=2, heads=2, ffn_dim=64, max_length=16, dropout=0.0).eval()
+    ids, mask = torch.randint(1, 50, (2, 5)), torch.ones(2, 5, dtype=torch.bool)
+    lengths = [6, 3]
+    memory = torch.randn(2, 6, 32)
+    memory_mask = torch.arange(6)[None] < torch.tensor(lengths)[:, None]
+    with torch.inference_mode():
+        out = decoder(ids, mask, memory, memory_mask)
+        junk = decoder(ids, mask, memory.masked_fill(~memory_mask[..., None], 1e3), memory_mask)
+        torch.testing.assert_close(out, junk)
+        for i, n in enumerate(lengths):
+            alone = decoder(ids[i:i + 1], mask[i:i + 1], memory[i:i + 1, :n])
+            torch.testing.assert_close(out[i:i + 1], alone, atol=1e-5, rtol=1e-4)
+        # The code bottleneck (memory = one vector, no mask) is unchanged.
+        code = memory[:, :1]
+        one = torch.ones(2, 1, dtype=torch.bool)
+        torch.testing.assert_close(decoder(ids, mask, code), decoder(ids, mask, code, one))

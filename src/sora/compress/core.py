@@ -6,7 +6,8 @@
 3. Apply the method: nothing more (prune), PyTorch dynamic int8, ONNX export, ONNX Runtime int8, or the
    encoder in bfloat16 (bf16: weights stored in bfloat16, half the size; fast where the CPU has AVX-512 BF16
    or AMX, or on a GPU).
-4. Measure the validation metric of the original and the compressed model, and the latency of both
+4. Measure the validation metric of the original and the compressed model (through ``api.predict_scores``, the
+   path ``sora.load(out).predict`` serves, ONNX Runtime codes for pairs too), and the latency of both
    (batch 32, interleaved repeats in this process); refuse when the metric drops by more than
    ``max_drop`` points unless ``warn_only``. Nothing is written before the gate has passed.
 5. Write a normal checkpoint (config.json, model.safetensors, tokenizer.json; plus model[.int8].onnx)
@@ -41,7 +42,7 @@ from sora.data.tasks import Example, check_known, encode_examples, label_tensor,
 from sora.errors import ConfigError, SoraError
 from sora.models.autoencoder import SoraModel
 from sora.models.checkpoint import atomic_dir, is_sora_checkpoint, resolve_checkpoint, save_checkpoint
-from sora.models.heads import HeadSpec, scores
+from sora.models.heads import HeadSpec
 
 Embed = Callable[..., torch.Tensor]  # (ids, mask, type_ids=None) -> codes, as SoraModel.embed
 DEFAULT_PRUNE_HEADS = 0.3
@@ -143,44 +144,29 @@ def _batches(encoded: list[dict[str, Any]], pad_id: int, batch_size: int):
 
 
 @torch.inference_mode()
-def task_codes(embed: Embed, ts: TaskSet, pad_id: int, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """Codes of a task's examples from ``embed`` (a PyTorch model's or ONNX Runtime's), in example order:
-    ``{"a": codes}``, plus ``"b"`` for siamese pairs. Batches of 64, longest first, as ``Sora.predict``."""
-    out: dict[str, np.ndarray] = {}
-    for idx, batch in _batches(ts.encoded, pad_id, batch_size):
-        parts = {"a": embed(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))}
-        if ts.spec.siamese:
-            parts["b"] = embed(batch["b_input_ids"], batch["b_attention_mask"])
-        for key, c in parts.items():
-            c = c.float().cpu().numpy()
-            if key not in out:
-                out[key] = np.zeros((len(ts.encoded), c.shape[1]), dtype=np.float32)
-            out[key][idx] = c
+def task_codes(embed: Embed, ts: TaskSet, pad_id: int, batch_size: int = 64) -> np.ndarray:
+    """Codes of each example's (first) text from ``embed`` (a PyTorch model's or ONNX Runtime's), in example
+    order; batches of 64, longest first, as ``Sora.predict``."""
+    parts = [(idx, embed(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")))
+             for idx, batch in _batches(ts.encoded, pad_id, batch_size)]
+    out = np.zeros((len(ts.encoded), parts[0][1].shape[1]), dtype=np.float32)
+    for idx, c in parts:
+        out[idx] = c.float().cpu().numpy()
     return out
 
 
-@torch.inference_mode()
-def task_scores(heads_model: SoraModel, ts: TaskSet, codes: dict[str, np.ndarray]) -> np.ndarray:
-    """The head's scores (probabilities, or values for regression) on precomputed codes."""
-    u = torch.from_numpy(codes["a"])
-    if ts.spec.siamese:
-        v = torch.from_numpy(codes["b"])
-        u = torch.cat([u, v, (u - v).abs(), u * v], dim=-1)
-    head = heads_model.heads[ts.name]
-    logits = head(u.to(next(head.parameters()).device))
-    spec = ts.spec
-    return scores(spec, logits.squeeze(-1) if spec.type == "regression" else logits).float().cpu().numpy()
-
-
-def evaluate(heads_model: SoraModel, codes: dict[str, dict[str, np.ndarray]], sets: list[TaskSet]
-             ) -> dict[str, dict[str, float]]:
-    """task → its selection metrics (accuracy / micro_f1 / pearson and the rest ``task_metrics`` gives)."""
+def evaluate(heads_model: SoraModel, encoder: Any, sets: list[TaskSet], tokenizer) -> dict[str, dict[str, float]]:
+    """task → its selection metrics (accuracy / micro_f1 / pearson and the rest ``task_metrics`` gives), with
+    codes from ``encoder`` (a model, or an ``OnnxEncoder``) through ``api.predict_scores``: the very path
+    ``Sora.predict`` serves, single texts and pairs alike."""
+    from sora.api import predict_scores
     from sora.train.finetune import task_metrics
 
     result = {}
     for ts in sets:
         th = np.array(ts.spec.thresholds) if ts.spec.thresholds else None
-        result[ts.name] = task_metrics(ts.spec, task_scores(heads_model, ts, codes[ts.name]), ts.examples, th)
+        s = predict_scores(heads_model, tokenizer, ts.name, ts.encoded, encoder=encoder)
+        result[ts.name] = task_metrics(ts.spec, s, ts.examples, th)
     return result
 
 
@@ -305,7 +291,7 @@ def compress(checkpoint: str | Path, out: str | Path, method: str, *, prune_head
         if method == "int8":
             settings = int8_settings(per_channel, keep_fp32)
             heads_model = quantize_int8(compact, per_channel, keep_fp32)
-            embed: Embed = heads_model.embed
+            encoder: Any = heads_model  # what computes the codes: a model, or an OnnxEncoder
             size = inference_size_mb(heads_model)
             params.update(per_channel=per_channel, keep_fp32=list(keep_fp32))
         elif method in ("onnx", "onnx-int8"):
@@ -315,8 +301,8 @@ def compress(checkpoint: str | Path, out: str | Path, method: str, *, prune_head
             sample = next(_batches(sets[0].encoded, pad, 4))[1]
             attention = export_onnx(compact, fp32, sample)
             check = TaskSet(sets[0].name, sets[0].spec, sets[0].examples[:64], sets[0].encoded[:64])
-            ref = task_codes(compact.embed, check, pad)["a"]
-            diff = float(np.abs(task_codes(OnnxEncoder(fp32).embed, check, pad)["a"] - ref).max())
+            ref = task_codes(compact.embed, check, pad)
+            diff = float(np.abs(task_codes(OnnxEncoder(fp32).embed, check, pad) - ref).max())
             if not diff <= ONNX_TOLERANCE:
                 raise SoraError(f"ONNX export does not match PyTorch (max |Δ| {diff:.2e} > {ONNX_TOLERANCE}); "
                                 "nothing written")
@@ -331,29 +317,28 @@ def compress(checkpoint: str | Path, out: str | Path, method: str, *, prune_head
                                 keep_fp32=list(keep_fp32))
                 params.update(per_channel=per_channel, keep_fp32=list(keep_fp32), fp32_nodes=len(excluded))
             encoder = OnnxEncoder(file)
-            embed = encoder.embed
             extra[file.name] = file
             size = file.stat().st_size / 1e6 + sum(p.numel() * p.element_size() for p in compact.heads.parameters()
                                                    ) / 1e6
         elif method == "bf16":
             heads_model = set_dtype(compact, "bfloat16", torch.device("cpu"))  # saved as it runs: bf16 weights
-            embed = heads_model.embed
+            encoder = heads_model
             size = inference_size_mb(heads_model)
             settings = {"method": method, "backend": "torch", "dtype": "bfloat16"}
         else:
-            embed = compact.embed
+            encoder = compact
             size = inference_size_mb(compact)
 
         # -- the gate
-        codes_before = {ts.name: task_codes(model.embed, ts, pad) for ts in sets}
-        codes_after = {ts.name: task_codes(embed, ts, pad) for ts in sets}
-        result["code_cosine"] = mean_cosine(codes_before[sets[0].name]["a"], codes_after[sets[0].name]["a"])
-        before, after = evaluate(model, codes_before, sets), evaluate(heads_model, codes_after, sets)
+        result["code_cosine"] = mean_cosine(task_codes(model.embed, sets[0], pad),
+                                            task_codes(encoder.embed, sets[0], pad))
+        before, after = evaluate(model, model, sets, tokenizer), evaluate(heads_model, encoder, sets, tokenizer)
         drops = {ts.name: 100 * (primary(before[ts.name], ts.spec)[1] - primary(after[ts.name], ts.spec)[1])
                  for ts in sets}
         drop = max(drops.values())
         timing_set = _subsample(sets[0].encoded, latency_texts)
-        timed = latency({"before": model.embed, "after": embed}, timing_set, pad, batch_size, latency_repeats)
+        timed = latency({"before": model.embed, "after": encoder.embed}, timing_set, pad, batch_size,
+                        latency_repeats)
         flat = _flatten(before, sets)
         result.update(
             validation_before=flat, validation_after=_flatten(after, sets), accuracy_drop_points=round(drop, 4),

@@ -1,11 +1,13 @@
 """ONNX export of the encoder path (token ids → sentence code) and ONNX Runtime int8.
 
 The graph takes ``input_ids`` and ``attention_mask`` (int64, 1 = token; plus ``token_type_ids`` for
-BERT-style backbones) with dynamic batch and sequence axes, and returns ``code`` (batch, code_dim).
-Task heads stay in PyTorch and run on the code. Export uses the TorchScript exporter at opset 17, which
+BERT-style backbones, which cross-encoded pairs need) with dynamic batch and sequence axes, and returns
+``code`` (batch, code_dim). Every head, pairs included, reads codes from this graph (a siamese pair runs it
+once per side); the heads themselves stay in PyTorch. Export uses the TorchScript exporter at opset 17, which
 writes ``F.scaled_dot_product_attention`` out as MatMul/Softmax (checked: max |Δ| ~1e-6 against PyTorch);
-should it ever fail, ``attention="math"`` (tried automatically) swaps in the same attention written with
-plain ops for the export only.
+should it ever fail, ``attention="math"`` (tried automatically) writes the same attention with plain ops.
+The export traces a private copy of the model set up for tracing (no unpadding; the attention chosen), so
+the caller's model and the ``sora.models.transformer`` module are never changed, not even for a moment.
 
 int8 (``quantize_onnx``): ``onnxruntime.quantization.quantize_dynamic`` with per-channel int8 weights and
 the feed-forward output MatMuls (``ffn/down``) kept fp32. Measured on all-MiniLM-L6-v2: default
@@ -14,12 +16,11 @@ per-tensor int8 drifts to mean cosine 0.95 against fp32, this keeps 0.995 at mos
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import os
 import warnings
 from collections.abc import Sequence
+from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from torch import nn
 
 from sora.errors import missing
 from sora.models.autoencoder import SoraModel
+from sora.models.transformer import Attention
 
 OPSET = 17
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -45,36 +47,6 @@ class _CodeModule(nn.Module):
         return self.model.embed(input_ids, attention_mask.bool(), token_type_ids)
 
 
-def _math_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **_):
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
-    return torch.softmax(scores, dim=-1) @ v
-
-
-@contextlib.contextmanager
-def _attention(kind: str):
-    """``math``: Sora's Attention calls the plain-op attention above while the block runs."""
-    if kind == "sdpa":
-        yield
-        return
-    from sora.models import transformer
-
-    original = transformer.F
-
-    class _Functional:
-        scaled_dot_product_attention = staticmethod(_math_sdpa)
-
-        def __getattr__(self, name):
-            return getattr(original, name)
-
-    transformer.F = _Functional()
-    try:
-        yield
-    finally:
-        transformer.F = original
-
-
 def export_onnx(model: SoraModel, path: str | Path, sample: dict[str, torch.Tensor],
                 attention: str = "auto") -> str:
     """Write the encoder path of ``model`` to ``path``; returns the attention used (sdpa or math).
@@ -84,7 +56,9 @@ def export_onnx(model: SoraModel, path: str | Path, sample: dict[str, torch.Tens
         import onnx  # noqa: F401  (torch.onnx.export writes the graph with it)
     except ImportError as exc:
         raise missing(exc, "ONNX export") from exc
-    module = _CodeModule(model.cpu()).eval()
+    traced = deepcopy(model).cpu().eval()  # set up for tracing below, while others may be using ``model``
+    traced.encoder.unpad = False  # a traced graph must not depend on this sample's padding
+    module = _CodeModule(traced)
     ids = sample["input_ids"].cpu()
     args = [ids, sample["attention_mask"].cpu().long()]
     names = list(INPUTS[:2])
@@ -93,20 +67,19 @@ def export_onnx(model: SoraModel, path: str | Path, sample: dict[str, torch.Tens
         names.append(INPUTS[2])
     axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"code": {0: "batch"}}
     kinds = ["sdpa", "math"] if attention == "auto" else [attention]
-    model.encoder.unpad = False  # a traced graph must not depend on this sample's padding
-    try:
-        for i, kind in enumerate(kinds):
-            try:
-                with _attention(kind), warnings.catch_warnings(), torch.no_grad():
-                    warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python branches
-                    torch.onnx.export(module, tuple(args), str(path), input_names=names, output_names=["code"],
-                                      dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
-                return kind
-            except Exception:
-                if i == len(kinds) - 1:
-                    raise
-    finally:
-        model.encoder.unpad = True
+    for i, kind in enumerate(kinds):
+        for m in traced.modules():
+            if isinstance(m, Attention):
+                m.sdpa = kind == "sdpa"
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python branches
+                torch.onnx.export(module, tuple(args), str(path), input_names=names, output_names=["code"],
+                                  dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+            return kind
+        except Exception:
+            if i == len(kinds) - 1:
+                raise
     raise AssertionError("unreachable")
 
 

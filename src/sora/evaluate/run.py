@@ -53,7 +53,7 @@ def evaluate_checkpoint(model: Sora, data: str | None = None, split: str = "test
     examples, _ = read_examples(source, cfg, split, pair=spec.pair)
     check_known(examples, spec.labels, str(source))
     encoded = encode_examples(examples, spec.pair, spec.pair_mode, model.tokenizer, model.max_length)
-    scores = predict_scores(model.model, model.tokenizer, name, encoded, batch_size)
+    scores = predict_scores(model.model, model.tokenizer, name, encoded, batch_size, model.encoder)  # ONNX too
     probs = y_idx = None
     if spec.type == "regression":
         metrics = regression_metrics([ex.label for ex in examples], scores.tolist())

@@ -7,6 +7,7 @@ Attention goes through ``F.scaled_dot_product_attention``, which picks a fused k
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,18 @@ class Unpad:
         return torch.cat([y, y.new_zeros(extra, y.shape[1])]) if extra else y
 
 
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                   causal: bool = False) -> torch.Tensor:
+    """SDPA written with plain ops, for inference only (no dropout): ONNX export's fallback, should the exporter
+    ever stop writing SDPA out."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if causal and mask is None:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1) @ v
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float, cross: bool = False, head_dim: int | None = None):
         """``head_dim`` defaults to dim // heads; pruning keeps it and lowers ``heads`` (inner = heads × head_dim)."""
@@ -68,6 +81,7 @@ class Attention(nn.Module):
                 raise ValueError(f"dim {dim} is not divisible by heads {heads}")
             head_dim = dim // heads
         self.heads, self.head_dim, self.dropout, self.cross = heads, head_dim, dropout, cross
+        self.sdpa = True  # False: math_attention (ONNX export sets it on its own copy of the model)
         inner = heads * head_dim
         if cross:
             self.q = nn.Linear(dim, inner)
@@ -91,10 +105,13 @@ class Attention(nn.Module):
             qkv = self.qkv(x)
             q, k, v = (unpad.pad(qkv) if unpad is not None else qkv).chunk(3, dim=-1)
         q, k, v = self._split(q), self._split(k), self._split(v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-            is_causal=causal and mask is None,
-        )
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                is_causal=causal and mask is None,
+            )
+        else:
+            y = math_attention(q, k, v, mask, causal)
         b, h, t, hd = y.shape
         y = y.transpose(1, 2).reshape(b, t, h * hd)
         return self.out(unpad.unpad(y) if unpad is not None else y)
@@ -173,7 +190,8 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(Block(dim, h, ffn_dim, dropout, norm, eps=eps, head_dim=dim // heads)
                                     for h in counts)
         self.final_norm = None if post else nn.LayerNorm(dim, eps=eps)
-        self.unpad = True  # off for export: an ONNX graph needs static-rank shapes, not data-dependent ones
+        # Off on ONNX export's copy of the model: a traced graph must not depend on the sample's padding.
+        self.unpad = True
 
     def forward(self, ids, mask, type_ids=None):
         """Token states (B, T, dim); zeros at padding when the batch was unpadded."""
@@ -212,11 +230,15 @@ class Decoder(nn.Module):
         self.final_norm = nn.LayerNorm(dim, eps=eps)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, memory: torch.Tensor,
+                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``memory``: (B, S, dim); ``memory_mask``: bool (B, S), True at real positions, so that a padded memory
+        (e.g. encoder states) is not attended at its padding. None attends to all of it (Sora's one code vector)."""
         t = ids.shape[1]
         x = self.drop(self.word(ids) + self.position.weight[:t][None])
         causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()
         attn_mask = causal[None, None] & mask[:, None, None, :]
+        cross_mask = None if memory_mask is None else memory_mask.bool()[:, None, None, :]
         for layer in self.layers:
-            x = layer(x, attn_mask, memory=memory)
+            x = layer(x, attn_mask, memory=memory, memory_mask=cross_mask)
         return self.final_norm(x)

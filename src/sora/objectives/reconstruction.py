@@ -23,27 +23,32 @@ def _specials(model: SoraModel, device: torch.device) -> torch.Tensor:
     return torch.tensor([c.pad_id, c.cls_id, c.sep_id, c.mask_id], device=device)
 
 
+def _text(batch: dict[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (ids, mask) an objective reads. ``prefix`` picks the batch's keys: fine-tuning puts the unlabeled
+    text under ``aux_`` beside the labelled one (``input_ids``, or ``task/input_ids`` with several tasks)."""
+    return batch[prefix + "input_ids"], batch[prefix + "attention_mask"]
+
+
 class Reconstruction(nn.Module):
-    """``prefix`` picks the batch's keys: ``aux_`` reads the unlabeled part of a fine-tuning batch."""
 
     def __init__(self, noise: str = "delete", ratio: float = 0.6, prefix: str = ""):
         super().__init__()
         self.noise, self.ratio, self.prefix = NOISE[noise], ratio, prefix
 
     def forward(self, model: SoraModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        ids, mask = batch[self.prefix + "input_ids"], batch[self.prefix + "attention_mask"]
+        ids, mask = _text(batch, self.prefix)
         noisy, noisy_mask = self.noise(ids, mask, self.ratio, _specials(model, ids.device), model.cfg.mask_id)
         code = model.embed(noisy, noisy_mask)
         return model.reconstruction_loss(code, ids, mask)
 
 
 class MaskedLM(nn.Module):
-    def __init__(self, ratio: float = 0.15):
+    def __init__(self, ratio: float = 0.15, prefix: str = ""):
         super().__init__()
-        self.ratio = ratio
+        self.ratio, self.prefix = ratio, prefix
 
     def forward(self, model: SoraModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+        ids, mask = _text(batch, self.prefix)
         masked, _ = NOISE["mask"](ids, mask, self.ratio, _specials(model, ids.device), model.cfg.mask_id)
         labels = ids.masked_fill(masked.eq(ids), -100)
         if not labels.ne(-100).any():  # nothing masked in a tiny batch: nothing to learn
@@ -66,7 +71,7 @@ class Contrastive(nn.Module):
         self.noise, self.ratio, self.temperature, self.prefix = NOISE[noise], ratio, temperature, prefix
 
     def forward(self, model: SoraModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        ids, mask = batch[self.prefix + "input_ids"], batch[self.prefix + "attention_mask"]
+        ids, mask = _text(batch, self.prefix)
         if ids.shape[0] < 2:  # no other sentence to contrast with
             return model.encoder.embeddings.word.weight.sum() * 0.0
         specials = _specials(model, ids.device)
@@ -78,10 +83,11 @@ class Contrastive(nn.Module):
 
 
 def build_objective(cfg: ObjectiveConfig, prefix: str = "") -> nn.Module:
+    """``prefix``: the batch keys the objective reads (``aux_`` for fine-tuning's auxiliary loss; see ``_text``)."""
     if cfg.name == "reconstruct":
         return Reconstruction(cfg.noise, cfg.ratio, prefix)
     if cfg.name == "contrastive":
         return Contrastive(cfg.noise, cfg.ratio, cfg.temperature, prefix)
     if cfg.name == "mlm":
-        return MaskedLM(cfg.ratio)
+        return MaskedLM(cfg.ratio, prefix)
     raise ValueError(f"unknown objective {cfg.name!r}")
