@@ -1,23 +1,26 @@
 """The training loop, visible top to bottom. It knows objectives only as weighted callables.
 
-Exact resume: a checkpoint stores the weights, the optimizer and scheduler, and the data position
-(epoch, batches consumed). Randomness (noise, dropout) is re-seeded from (seed, step, rank) at every
-step, so a resumed run draws exactly what the uninterrupted run drew.
+Exact resume: a checkpoint stores the weights, the optimizer and scheduler, the data position
+(epoch, batches consumed), which parameters are frozen, and the state of the ``stateful`` callbacks (model
+selection: the best weights so far, the patience counter). Randomness (noise, dropout) is re-seeded from
+(seed, step, rank) at every step, so a resumed run draws exactly what the uninterrupted run drew.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import re
 import shutil
-import signal
 import time
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -25,15 +28,23 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from sora.config import TrainConfig
-from sora.errors import SoraError
+from sora.errors import CheckpointError, SoraError, SoraWarning
 from sora.models.autoencoder import SoraModel
 from sora.models.checkpoint import latest_checkpoint, save_checkpoint
 from sora.text.tokenizer import SoraTokenizer
 from sora.train.distributed import Dist, all_mean, any_true
 
 Batch = dict[str, torch.Tensor]
-# Tests set this to SIGKILL the process right after that optimizer step, as a crash would.
-_KILL_AT_STEP = int(os.environ.get("SORA_FAULT_KILL_AT_STEP", "0"))
+
+
+class Stateful(Protocol):
+    """A callback whose state a resumed run needs (e.g. model selection). ``state_dict()`` returns JSON-able
+    values (numbers, strings, None, lists, dicts with string keys) and tensors at any depth; checkpoints keep
+    the first in ``trainer/state.json`` and the tensors in ``trainer/state.safetensors``."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class TrainUnit(nn.Module):
@@ -132,23 +143,31 @@ def fit(
     evaluate: Callable[[SoraModel], dict[str, float]] | None = None,
     on_step: Callable[[TrainState, SoraModel], None] | None = None,
     evaluate_first: bool = False,
+    stateful: dict[str, Stateful] | None = None,
 ) -> TrainState:
     """Train until ``max_steps`` or ``max_minutes``. ``train_batches(epoch)`` yields this rank's batches.
 
     ``evaluate(model)`` (optional) adds metrics at each validation; ``on_step`` sees the state after each
     optimizer step (early stopping and gradual unfreezing hook in here). ``evaluate_first`` also validates
-    the untrained model (logged as step 0), so model selection can keep the starting point.
+    the untrained model (logged as step 0), so model selection can keep the starting point. ``stateful``
+    names callbacks whose ``state_dict()`` every checkpoint saves and ``resume`` loads back (``Stateful``).
+
+    Disk full (a checkpoint, the log): one ``SoraError`` naming what was being written, and no temporary
+    checkpoint directory left behind; those a killed process left are removed when the next run starts.
     """
     out = Path(out_dir)
     device = dist.device
+    stateful = stateful or {}
     unit = TrainUnit(model, objectives).to(device)
     named = list(unit.named_parameters())
     opt = _optimizer(unit.parameters(), cfg, lr_scale, named)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     state = TrainState()
 
+    if dist.is_main:
+        _remove_stale_temp_dirs(out)
     if resume:
-        state = _restore(out, unit, opt, sched, device)
+        state = _restore(out, unit, opt, sched, device, stateful)
     runner: nn.Module = unit
     if dist.enabled:
         runner = DistributedDataParallel(unit, find_unused_parameters=True)
@@ -161,13 +180,24 @@ def fit(
     def save(directory: Path) -> None:
         meta, tensors = _flatten_optimizer(opt)
         trainer_state = {**state.__dict__, "optimizer": meta, "scheduler": sched.state_dict(),
-                         "seed": cfg.seed, "world_size": dist.world_size}
-        save_checkpoint(directory, model, tokenizer, info, trainer_state, tensors)
+                         "seed": cfg.seed, "world_size": dist.world_size,
+                         "frozen": [n for n, p in named if not p.requires_grad],  # e.g. gradual unfreezing
+                         "stateful": {name: _split_tensors(obj.state_dict(), f"stateful.{name}", tensors)
+                                      for name, obj in stateful.items()}}
+        try:
+            save_checkpoint(directory, model, tokenizer, info, trainer_state, tensors)
+        except BaseException as exc:
+            # save_checkpoint writes into this sibling (models.checkpoint.atomic_dir) and renames it into place
+            # only when complete; after a failure it is half written and would stay behind.
+            shutil.rmtree(directory.parent / f".{directory.name}.tmp-{os.getpid()}", ignore_errors=True)
+            if _disk_full(exc):
+                raise _disk_full_error(directory) from exc
+            raise
 
     t_start = time.perf_counter() - state.elapsed_s
     window_tokens, window_t = 0, time.perf_counter()
     micro, losses_acc = 0, {}
-    done = state.step >= cfg.max_steps
+    done = state.step >= cfg.max_steps or state.stop  # a checkpoint written as early stopping ended the run
     def run_validation() -> None:
         """Validation losses and ``evaluate``'s metrics at ``state.step``, into the history and the log."""
         metrics = validate(unit, val_batches or [], cfg.seed, device, amp)
@@ -245,8 +275,6 @@ def fit(
             if dist.is_main and ((cfg.save_every and state.step % cfg.save_every == 0) or last):
                 save(out / "checkpoints" / f"step-{state.step:07d}")
                 _prune(out, cfg.keep_checkpoints)
-            if _KILL_AT_STEP and state.step == _KILL_AT_STEP:  # fault injection for the resume test
-                os.kill(os.getpid(), signal.SIGKILL)
             if last or state.stop:
                 done = True
                 break
@@ -283,7 +311,7 @@ def validate(unit: TrainUnit, batches: list[Batch], seed: int, device: torch.dev
     return {k: v / len(batches) for k, v in totals.items()}
 
 
-def _restore(out: Path, unit: TrainUnit, opt, sched, device) -> TrainState:
+def _restore(out: Path, unit: TrainUnit, opt, sched, device, stateful: dict[str, Stateful]) -> TrainState:
     from safetensors.torch import load_file, load_model
 
     ckpt = latest_checkpoint(out)
@@ -296,8 +324,104 @@ def _restore(out: Path, unit: TrainUnit, opt, sched, device) -> TrainState:
     tensors = load_file(str(ckpt / "trainer" / "state.safetensors"), device=str(device))
     opt.load_state_dict(_unflatten_optimizer(meta["optimizer"], tensors))
     sched.load_state_dict(meta["scheduler"])
+    if "frozen" in meta:
+        frozen = set(meta["frozen"])
+        for name, p in unit.named_parameters():
+            p.requires_grad_(name not in frozen)
+    saved = meta.get("stateful", {})
+    for name, obj in stateful.items():
+        if name in saved:
+            obj.load_state_dict(_join_tensors(saved[name], tensors))
+        else:
+            warnings.warn(f"--resume: {ckpt} has no saved {name!r} state (written by an older Sora?); it starts "
+                          "afresh, so the resumed run may not end as an uninterrupted one", SoraWarning,
+                          stacklevel=3)
     fields = TrainState.__dataclass_fields__
     return TrainState(**{k: v for k, v in meta.items() if k in fields})
+
+
+def _split_tensors(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """``value`` with each tensor replaced by ``{"$tensor": KEY}`` and put in ``tensors[KEY]`` (KEY below ``key``)."""
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value.detach().clone()  # a copy: safetensors refuses tensors that share memory
+        return {"$tensor": key}
+    if isinstance(value, dict):
+        return {k: _split_tensors(v, f"{key}.{i}", tensors) for i, (k, v) in enumerate(value.items())}
+    if isinstance(value, list | tuple):
+        return [_split_tensors(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]
+    return value
+
+
+def _join_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of ``_split_tensors`` (tuples come back as lists)."""
+    if isinstance(value, dict):
+        if value.keys() == {"$tensor"}:
+            if value["$tensor"] not in tensors:
+                raise CheckpointError(f"--resume: trainer state names tensor {value['$tensor']!r}, which is missing")
+            return tensors[value["$tensor"]]
+        return {k: _join_tensors(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join_tensors(v, tensors) for v in value]
+    return value
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC or EDQUOT, as Python raises it (OSError) or as Rust writers do (safetensors, tokenizers: text only)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return any(s in text for s in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT),
+                                   f"os error {errno.ENOSPC})", f"os error {errno.EDQUOT})"))
+
+
+def _disk_full_error(path: Path) -> SoraError:
+    return SoraError(f"disk full while writing {path}: free some space (train.keep_checkpoints=1 keeps fewer "
+                     "checkpoints) and rerun with --resume to continue from the last complete checkpoint")
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn a full disk while writing ``path`` into one clear error."""
+    try:
+        yield
+    except OSError as exc:
+        if _disk_full(exc):
+            raise _disk_full_error(path) from exc
+        raise
+
+
+# What models.checkpoint.atomic_dir writes beside a checkpoint NAME: .NAME.tmp-PID (the new one, being written)
+# and .NAME.old-PID (the one it replaces, for the moment between two renames).
+_TEMP_DIR = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)")
+
+
+def _remove_stale_temp_dirs(out: Path) -> None:
+    """Remove the temporary checkpoint directories of processes that died while saving (killed, disk full).
+    Those of a live process are left alone (it may be saving now), and an ``.old`` one while NAME is missing
+    (a process killed between the two renames: it is the only complete copy)."""
+    for parent in (out, out / "checkpoints"):
+        if not parent.is_dir():
+            continue
+        for path in parent.iterdir():
+            m = _TEMP_DIR.fullmatch(path.name)
+            if m is None or not path.is_dir() or _alive(int(m["pid"])):
+                continue
+            if m["kind"] == "old" and not (parent / m["name"]).exists():
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Another process with this id runs (this one is not saving while a run starts)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True
 
 
 def _prune(out: Path, keep: int) -> None:
@@ -308,19 +432,47 @@ def _prune(out: Path, keep: int) -> None:
 
 class _Log:
     """``train_log.jsonl``: one line per step and per validation. On resume, lines past the checkpoint
-    (written by the killed run after its last save) are dropped so the log reads as one run."""
+    (written by the killed run after its last save) are dropped so the log reads as one run, and so is a last
+    line cut off mid-write (a kill, power loss or a full disk leaves one); a bad line before it is an error."""
 
     def __init__(self, path: Path, resume_step: int, enabled: bool):
         self.path, self.enabled = path, enabled
         if not enabled:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
+        with _writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume_step and path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-        path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [ln for step, ln in self._read(path) if step <= resume_step]
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with _writing(path):  # into a sibling first: a full disk must not cost the log
+            try:
+                tmp.write_text("".join(ln + "\n" for ln in kept))
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _read(path: Path) -> list[tuple[int, str]]:
+        lines = path.read_bytes().split(b"\n")
+        rows = []
+        for i, raw in enumerate(lines, 1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+                step = json.loads(line)["step"]
+                if not isinstance(step, int):
+                    raise TypeError(step)
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+                if not any(rest.strip() for rest in lines[i:]):
+                    break  # the last line, cut off: dropped
+                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not a log record"
+                raise SoraError(f"{path}:{i}: corrupt line ({reason}); delete that line to --resume") from None
+            rows.append((step, line))
+        return rows
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
-            with self.path.open("a") as fh:
+            with _writing(self.path), self.path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
