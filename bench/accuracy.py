@@ -45,6 +45,7 @@ import statistics
 import sys
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -501,11 +502,12 @@ class Encoder:
     """Frozen MiniLM (sentence-transformers, mean pooling + normalisation as shipped), embeddings cached by
     text for the run: validation/test are encoded once per dataset, their time charged to every seed."""
 
-    def __init__(self, device: torch.device, max_length: int):
+    def __init__(self, device: torch.device, max_length: int | None):
         from sentence_transformers import SentenceTransformer
 
         self.model = SentenceTransformer(str(minilm_path()), device=str(device))
-        self.model.max_seq_length = max_length
+        if max_length is not None:  # None: as shipped (256)
+            self.model.max_seq_length = max_length
         self.cache: dict[str, np.ndarray] = {}
         self.seconds: dict[str, float] = {}
 
@@ -526,11 +528,12 @@ class Encoder:
 _ENCODER: dict[str, Encoder] = {}
 
 
-def run_frozen(run: Run) -> dict[str, Any]:
-    key = f"{run.device}-{run.max_length}"
+def run_frozen(run: Run, max_length: int | None | str = "run") -> dict[str, Any]:
+    max_length = run.max_length if max_length == "run" else max_length
+    key = f"{run.device}-{max_length}"
     if key not in _ENCODER:
         _ENCODER.clear()
-        _ENCODER[key] = Encoder(run.device, run.max_length)
+        _ENCODER[key] = Encoder(run.device, max_length)
     enc = _ENCODER[key]
     pair = run.dataset.pair
     fixed_key = f"{run.dataset.name}/{run.split.directory.name.split('-', 2)[-1]}"
@@ -574,10 +577,172 @@ def run_tfidf(run: Run) -> dict[str, Any]:
     return res
 
 
+# ---- the defaults protocol -------------------------------------------------------------------------------------
+# Every system runs as its users run it: its own documented default recipe, to completion. Sora is the CLI with
+# data, regime and seed flags only (SORA_COMMAND); the peers get their library's defaults (DEFAULT_RECIPES).
+
+SORA_COMMAND = "sora finetune --init all-MiniLM-L6-v2 --data {data} --labels-per-class {n} --seed {seed} -o {out}"
+SORA_COMMAND_FULL = "sora finetune --init all-MiniLM-L6-v2 --data {data} --seed {seed} -o {out}"
+DEFAULT_RECIPES = {
+    "sora": "Sora's defaults (sora.config; length from the labelled examples per class: "
+            "sora.train.finetune.SCHEDULES), max_length 128",
+    "setfit": "setfit.TrainingArguments() defaults: batch 16, 1 epoch over the generated pairs (oversampling of "
+              "all unique pairs), body lr 2e-5, LogisticRegression head; max_length: the body's (256)",
+    "hf_trainer": "transformers.TrainingArguments defaults: 3 epochs, lr 5e-5, batch 8, linear decay, no warmup, "
+                  "no weight decay, the last model (no evaluation); max_seq_length 128 as run_glue.py's default",
+    "frozen_lr": "sentence-transformers encode() defaults (max_seq_length 256, mean pooling, normalised) + "
+                 "LogisticRegression, C on validation",
+    "tfidf_lr": "TF-IDF word 1-2 grams (Chinese: character 1-3 grams) + LogisticRegression, C on validation",
+}
+DEFAULTS_SYSTEMS = tuple(DEFAULT_RECIPES)
+
+
+def sora_command(run: Run, out: Path) -> list[str]:
+    template = SORA_COMMAND_FULL if run.regime == "full" else SORA_COMMAND
+    args = template.format(data=run.split.directory, n=run.regime, seed=run.seed, out=out).split()
+    if run.device.type == "cuda":
+        args += ["--device", "cuda"]
+    return [str(Path(sys.executable).parent / args[0]), *args[1:]]
+
+
+def run_sora_defaults(run: Run) -> dict[str, Any]:
+    """``sora finetune`` as a user types it, then ``sora.load(...).predict`` on the test set."""
+    import os
+    import subprocess
+
+    import sora
+
+    out = run.workdir / "sora-defaults"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = sora_command(run, out)
+    # The same threads as the peers, and this checkout's Sora (the venv may hold another editable install).
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(REPO / "src")}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
+    schedule = next((ln for ln in proc.stdout.splitlines() if ln.startswith("fine-tuning:")), "")
+    model = sora.load(out, device=str(run.device))
+    test = run.split.test
+    inputs = [(e.text, e.text_b) for e in test] if run.dataset.pair else [e.text for e in test]
+    pred = [row["task"]["label"] for row in model.predict(inputs, batch_size=128)] if test else []
+    res = score(run.dataset, labels_of(test), pred, run.split.labels)
+    meta = json.loads((out / "model" / "config.json").read_text()).get("metadata", {})
+    res.update(seconds=seconds, steps=meta.get("steps"), schedule=schedule,
+               val_accuracy=float(meta.get("validation", {}).get("val_accuracy", float("nan"))))
+    del model
+    shutil.rmtree(out, ignore_errors=True)
+    return res
+
+
+def setfit_default_steps(labels: list[str]) -> int:
+    """Steps SetFit's default pair sampling trains for: all unique pairs, the minority kind oversampled to the
+    majority's count, one epoch of batch 16."""
+    counts = Counter(labels)
+    n = sum(counts.values())
+    positive = sum(c * (c - 1) // 2 for c in counts.values())
+    negative = n * (n - 1) // 2 - positive
+    return math.ceil(2 * max(positive, negative) / 16)
+
+
+def run_setfit_defaults(run: Run) -> dict[str, Any]:
+    from datasets import Dataset as HFDataset
+    from setfit import SetFitModel, Trainer, TrainingArguments
+
+    labels = run.split.labels
+    index = {lb: i for i, lb in enumerate(labels)}
+    steps = setfit_default_steps([e.label for e in run.split.train])
+    limit = run.extra.get("setfit_max_steps")
+    if limit and steps > limit:
+        raise Skipped(f"SetFit's default sampling trains {steps:,} steps here (over --setfit-max-steps {limit:,}); "
+                      "run it with --device cuda")
+    torch.manual_seed(run.seed)
+    t0 = time.perf_counter()
+    model = SetFitModel.from_pretrained(str(minilm_path()), device=str(run.device))
+    # Defaults, but the seed (varied per run like every system's), no logging integrations and no progress bars.
+    args = TrainingArguments(seed=run.seed, report_to="none", show_progress_bar=False,
+                             output_dir=str(run.workdir / "setfit-defaults"))
+    train = HFDataset.from_dict({"text": [e.text for e in run.split.train],
+                                 "label": [index[e.label] for e in run.split.train]})
+    trainer = Trainer(model=model, args=args, train_dataset=train)
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    pred = model.predict([e.text for e in run.split.test], batch_size=128, as_numpy=True) if run.split.test else []
+    res = score(run.dataset, labels_of(run.split.test), [labels[int(i)] for i in pred], labels)
+    res.update(seconds=seconds, steps=steps)  # SetFit logs the same count ("Num unique pairs" / batch 16)
+    del trainer, model
+    shutil.rmtree(run.workdir / "setfit-defaults", ignore_errors=True)
+    return res
+
+
+def run_hf_defaults(run: Run) -> dict[str, Any]:
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
+    path = str(minilm_path())
+    labels = run.split.labels
+    index = {lb: i for i, lb in enumerate(labels)}
+    tok = AutoTokenizer.from_pretrained(path)
+
+    def encode(rows: list[Example]) -> list[dict[str, Any]]:
+        a = [e.text for e in rows]
+        enc = tok(a, [e.text_b for e in rows], truncation=True, max_length=128) if run.dataset.pair else \
+            tok(a, truncation=True, max_length=128)
+        return [{**{k: enc[k][i] for k in enc}, "labels": index[e.label]} for i, e in enumerate(rows)]
+
+    set_seed(run.seed)
+    out = run.workdir / "hf-defaults"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=index)
+    # Defaults, but the seed, no intermediate checkpoints (they change nothing), no logging integrations.
+    args = TrainingArguments(output_dir=str(out), seed=run.seed, save_strategy="no", report_to="none",
+                             disable_tqdm=True, use_cpu=run.device.type != "cuda")
+    trainer = Trainer(model=model, args=args, train_dataset=encode(run.split.train),
+                      data_collator=DataCollatorWithPadding(tok))
+    result = trainer.train()
+    seconds = time.perf_counter() - t0
+    pred = trainer.predict(encode(run.split.test)).predictions.argmax(-1) if run.split.test else []
+    res = score(run.dataset, labels_of(run.split.test), [labels[i] for i in pred], labels)
+    res.update(seconds=seconds, steps=int(result.global_step))
+    del trainer, model
+    shutil.rmtree(out, ignore_errors=True)
+    return res
+
+
+def run_frozen_defaults(run: Run) -> dict[str, Any]:
+    return run_frozen(run, max_length=None)
+
+
+class Skipped(Exception):
+    """A cell that this machine cannot run as the protocol asks (recorded with its reason, not as a failure)."""
+
+
+DEFAULTS_RUNNERS: dict[str, Callable[[Run], dict[str, Any]]] = {
+    "sora": run_sora_defaults, "setfit": run_setfit_defaults, "hf_trainer": run_hf_defaults,
+    "frozen_lr": run_frozen_defaults, "tfidf_lr": lambda run: run_tfidf(run),
+}
+
+
 RUNNERS: dict[str, Callable[[Run], dict[str, Any]]] = {
     "sora": run_sora, "setfit": run_setfit, "hf_trainer": run_hf, "frozen_lr": run_frozen, "tfidf_lr": run_tfidf,
     "sora_scratch": run_sora_scratch,
 }
+
+
+def protocol_systems(protocol: str) -> tuple[str, ...]:
+    return DEFAULTS_SYSTEMS if protocol == "defaults" else SYSTEMS
+
+
+def protocol_runners(protocol: str) -> dict[str, Callable[[Run], dict[str, Any]]]:
+    return DEFAULTS_RUNNERS if protocol == "defaults" else RUNNERS
 
 
 def not_applicable(ds: Dataset, system: str) -> str | None:
@@ -605,6 +770,10 @@ def summarise(cell: dict[str, Any], planned: int) -> None:
 
 def cell_config(config: dict[str, Any], regime: str, system: str, dataset: str = "") -> dict[str, Any]:
     """What decides a cell's runs: the data caps and budget, plus the system's own recipe / lr for the regime."""
+    if config.get("protocol") == "defaults":
+        out = {"protocol": "defaults", **{k: config.get(k) for k in ("max_test", "max_val", "device")},
+               "recipe": DEFAULT_RECIPES[system]}
+        return {**out, "sora_src": config.get("sora_src")} if system == "sora" else out
     out = {k: config.get(k) for k in ("max_test", "max_val", "max_length", "budget", "device")}
     if system in ("sora", "sora_scratch"):
         out["recipe"] = (config.get("recipes") or {}).get(regime)
@@ -626,7 +795,7 @@ def empty_grid(args: argparse.Namespace) -> dict[str, Any]:
         grid[name] = {}
         for regime in REGIMES:
             grid[name][regime] = {}
-            for system in SYSTEMS:
+            for system in protocol_systems(args.protocol):
                 reason = not_applicable(ds, system)
                 if reason:
                     cell = {"status": "not_applicable", "reason": reason}
@@ -640,7 +809,7 @@ def empty_grid(args: argparse.Namespace) -> dict[str, Any]:
 
 def fmt_cell(cell: dict[str, Any], pair: bool) -> str:
     if "mean" not in cell:
-        return "n/a" if cell.get("status") == "not_applicable" else "–"
+        return {"not_applicable": "n/a", "skipped": "skipped"}.get(cell.get("status", ""), "–")
     s = f"{cell['mean'] * 100:.1f}" + (f" ± {cell['std'] * 100:.1f}" if cell.get("n_seeds", 2) > 1 else "")
     if pair:
         s += f" / F1 {cell['f1_mean'] * 100:.1f}"
@@ -650,14 +819,15 @@ def fmt_cell(cell: dict[str, Any], pair: bool) -> str:
 
 
 def markdown(results: dict[str, Any], datasets: list[str], regimes: list[str]) -> str:
-    head = "| dataset | regime | " + " | ".join(SYSTEMS) + " |"
-    lines = [head, "|---|---|" + "---|" * len(SYSTEMS)]
+    systems = [s for s in SYSTEMS if s in results[datasets[0]][regimes[0]]] if datasets and regimes else []
+    head = "| dataset | regime | " + " | ".join(systems) + " |"
+    lines = [head, "|---|---|" + "---|" * len(systems)]
     for name in datasets:
         for regime in regimes:
             row = results[name][regime]
             if all("mean" not in c for c in row.values()):
                 continue
-            cells = [fmt_cell(row[s], DATASETS[name].pair) for s in SYSTEMS]
+            cells = [fmt_cell(row[s], DATASETS[name].pair) for s in systems]
             lines.append(f"| {name} | {regime} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Test accuracy in % (mean ± std over seeds; full: 1 seed; pairs: / F1, MRPC binary F1 of 'equivalent',"
@@ -747,7 +917,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_common_args(p)
     p.add_argument("--datasets", default=",".join(DATASETS))
     p.add_argument("--regimes", default=",".join(REGIMES))
-    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--protocol", choices=("defaults", "equal-budget"), default="defaults",
+                   help="defaults: every system runs its own documented defaults to completion (Sora: the CLI with "
+                        "data, regime and seed flags only); equal-budget: the same steps and evaluations for all")
+    p.add_argument("--systems", default=None, help="default: all of the protocol's")
+    p.add_argument("--setfit-max-steps", type=int, default=None,
+                   help="defaults protocol: skip SetFit cells whose default sampling trains longer (default: 3000 on "
+                        "CPU, no limit on CUDA)")
     p.add_argument("--seeds", type=int, default=len(SEEDS), help="seeds for the 8 / 64 regimes (full: 1)")
     p.add_argument("--max-test", type=int, default=None, help="cap the test set (seeded sample); default: all")
     p.add_argument("--max-val", type=int, default=None, help="cap the validation set (seeded sample); default: all")
@@ -768,9 +944,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.max_test, args.max_val, args.budget = 100, 100, "quick"
     args.datasets = [d for d in args.datasets.split(",") if d]
     args.regimes = [r for r in args.regimes.split(",") if r]
-    args.systems = [s for s in args.systems.split(",") if s]
+    args.systems = [s for s in (args.systems or ",".join(protocol_systems(args.protocol))).split(",") if s]
     for kind, given, known in (("dataset", args.datasets, DATASETS), ("regime", args.regimes, REGIMES),
-                               ("system", args.systems, SYSTEMS)):
+                               ("system", args.systems, protocol_systems(args.protocol))):
         bad = [x for x in given if x not in known]
         if bad:
             p.error(f"unknown {kind}: {', '.join(bad)} (known: {', '.join(known)})")
@@ -800,10 +976,19 @@ def main(argv: list[str] | None = None) -> None:
         merge(Path(args.out).resolve() if args.out else RESULTS / f"{NAME}.json", args.merge.split(","))
         return
 
-    path = Path(args.out).resolve() if args.out else RESULTS / (f"{NAME}.quick.json" if args.quick else f"{NAME}.json")
-    config = {"max_test": args.max_test, "max_val": args.max_val, "max_length": args.max_length,
-              "budget": args.budget or device.type, "device": device.type, "recipes": RECIPES, "hf_lr": HF_LR,
-              "scratch_lr": SCRATCH_LR, "scratch_recipe": scratch_recipe_id(), "pair_mode": PAIR_MODE}
+    defaults = args.protocol == "defaults"
+    stem = NAME if defaults else f"{NAME}.equal_budget"
+    path = Path(args.out).resolve() if args.out else RESULTS / (f"{stem}.quick.json" if args.quick else f"{stem}.json")
+    if defaults:
+        config = {"protocol": "defaults", "max_test": args.max_test, "max_val": args.max_val, "device": device.type,
+                  "sora_src": sora_src()}
+    else:
+        config = {"max_test": args.max_test, "max_val": args.max_val, "max_length": args.max_length,
+                  "budget": args.budget or device.type, "device": device.type, "recipes": RECIPES, "hf_lr": HF_LR,
+                  "scratch_lr": SCRATCH_LR, "scratch_recipe": scratch_recipe_id(), "pair_mode": PAIR_MODE}
+    runners = protocol_runners(args.protocol)
+    setfit_limit = args.setfit_max_steps if args.setfit_max_steps is not None else (
+        None if device.type == "cuda" else 3000)
     results = empty_grid(args)
     for name in args.datasets:
         for regime in args.regimes:
@@ -816,7 +1001,7 @@ def main(argv: list[str] | None = None) -> None:
         old = json.loads(path.read_text())
         kept = dropped = 0
         # Cells outside this run's selection are carried over as they are: a partial re-run never loses them.
-        for name, regime, system in ALL_CELLS:
+        for name, regime, system in itertools.product(DATASETS, REGIMES, protocol_systems(args.protocol)):
             selected = name in args.datasets and regime in args.regimes and system in args.systems
             before = old.get(name, {}).get(regime, {}).get(system, {})
             if not selected and before.get("runs"):
@@ -843,7 +1028,8 @@ def main(argv: list[str] | None = None) -> None:
         log(f"resuming from {path}: kept {kept} cells, re-running {dropped} whose configuration changed")
 
     meta = {
-        "command": command_line(), "earlier_invocations": invocations, "machine": machine_info(device),
+        "protocol": args.protocol, "command": command_line(), "earlier_invocations": invocations,
+        "machine": machine_info(device),
         "load_average_start": load_average(),
         "seeds": {"8": list(SEEDS[:args.seeds]), "64": list(SEEDS[:args.seeds]), "full": [SEEDS[0]]},
         "test_cap": args.max_test, "validation_cap": args.max_val, "max_length": args.max_length,
@@ -854,7 +1040,16 @@ def main(argv: list[str] | None = None) -> None:
         "hf_trainer_lr": HF_LR, "sora_scratch_lr": SCRATCH_LR, "scratch_pretraining": pretraining,
         "notes": notes(args, budgets),
     }
+    if defaults:  # the equal-budget keys describe the other protocol
+        for key in ("budgets", "sora_recipe", "hf_trainer_lr", "sora_scratch_lr", "scratch_pretraining", "max_length",
+                    "batch_size"):
+            meta.pop(key, None)
+        meta.update(sora_command=SORA_COMMAND, sora_command_full_data=SORA_COMMAND_FULL,
+                    default_recipes=DEFAULT_RECIPES, setfit_max_steps=setfit_limit, notes=defaults_notes(setfit_limit))
     results["meta"] = meta
+    if defaults and not args.quick and (RESULTS / f"{NAME}.equal_budget.json").is_file():
+        # The second view, beside the first: the same grid at an equal training budget for every system.
+        results["equal_budget"] = json.loads((RESULTS / f"{NAME}.equal_budget.json").read_text())
 
     def save() -> None:
         meta["wall_s"] = round(time.perf_counter() - t_start, 1)
@@ -874,6 +1069,7 @@ def main(argv: list[str] | None = None) -> None:
                 if not todo:
                     continue
                 run = build_run(ds, regime, seed, args, device, budgets)
+                run.extra["setfit_max_steps"] = setfit_limit
                 log(f"{name} regime {regime} seed {seed}: {len(run.split.train)} train, "
                     f"{len(run.split.validation)} val, {len(run.split.test)} test; {run.steps} steps, "
                     f"eval every {run.eval_every}")
@@ -888,7 +1084,13 @@ def main(argv: list[str] | None = None) -> None:
                 for system in todo:
                     cell = results[name][regime][system]
                     try:
-                        r = RUNNERS[system](run)
+                        r = runners[system](run)
+                    except Skipped as exc:
+                        log(f"  {system} skipped: {exc}")
+                        cell.update(status="skipped", reason=str(exc))
+                        cell.pop("runs", None)
+                        save()
+                        continue
                     except Exception as exc:  # one broken system must not lose the rest of the run
                         log(f"  {system} FAILED: {exc.__class__.__name__}: {exc}")
                         traceback.print_exc(file=sys.stderr)
@@ -939,11 +1141,41 @@ def merge(path: Path, parts: list[str]) -> None:
         meta.setdefault("scratch_pretraining", {}).update(other["meta"].get("scratch_pretraining", {}))
         log(f"merged {len(copied)} cells from {part}")
     # The notes describe the bench as the code stands now (the caps and threads the file's runs used).
+    if meta.get("protocol") == "defaults":
+        meta["notes"] = defaults_notes(meta.get("setfit_max_steps"))
+        write_json(path, results)
+        return
     meta["notes"] = notes(argparse.Namespace(max_val=meta["validation_cap"], max_test=meta["test_cap"],
                                              threads=meta["torch_threads"]), meta["budgets"])
     write_json(path, results)
     regimes = [r for r in REGIMES if any(results[n][g][s].get("runs") for n, g, s in ALL_CELLS if g == r)]
     print(markdown(results, list(DATASETS), regimes))
+
+
+def sora_src() -> str:
+    """Git's hash of the committed src/ tree the Sora cells ran: a changed product never reuses old Sora cells on
+    --resume, while a commit that touches only the bench or the docs keeps them."""
+    import subprocess
+
+    tree = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD:src"], capture_output=True, text=True)
+    return tree.stdout.strip() or "unknown"
+
+
+def defaults_notes(setfit_limit: int | None) -> dict[str, str]:
+    return {
+        "protocol": "Every system runs its own documented default recipe to completion (meta.default_recipes); "
+                    "Sora is the command in meta.sora_command, nothing else set. 'steps' and 'seconds' per run are "
+                    "each system's own (seconds: wall clock of training, model loading and validation included, "
+                    "test prediction excluded; Sora's include the CLI process start).",
+        "data": "Every system reads the same files per (dataset, regime, seed): train sampled with "
+                "sora.data.tasks.sample_per_class(train, n, seed) (Sora samples the same examples itself from "
+                "--labels-per-class and --seed), validation and test capped as seeded samples.",
+        "setfit": "SetFit's default pair sampling generates every unique pair (oversampling the minority kind): "
+                  "120 steps for 6 classes x 8, but 23,000+ for banking77's 77 x 8; cells above "
+                  f"{setfit_limit or 'no'} steps are 'skipped' on CPU with the step count as the reason.",
+        "pairs": "sick / mrpc: SetFit has no pair mode (n/a); the HF Trainer cross-encodes; frozen_lr uses "
+                 "[u, v, |u-v|, u*v]; Sora's default pair head is siamese.",
+    }
 
 
 def notes(args: argparse.Namespace, budgets: dict[str, Any]) -> dict[str, str]:

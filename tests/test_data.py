@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import SAMPLE, write_jsonl
 
+from sora.config import TaskConfig
 from sora.data import TextSource, collate, read_records, read_texts, resolve_split, token_batches
 from sora.errors import DataError
 from sora.text.tokenizer import train_tokenizer
@@ -345,3 +346,130 @@ def test_token_batches_streams_a_source(tmp_path: Path, tok):
     a = list(itertools.chain.from_iterable(_batch_key(token_batches(src, tok, 8, 32, seed=0))))
     b = list(itertools.chain.from_iterable(_batch_key(token_batches(src, tok, 8, 32, seed=0))))
     assert a == b and len(a) == 50
+
+
+# --------------------------------------------------------------------------------------------- delimiters
+
+LABELED = "text;label_name\ngreat movie, really;positive\nawful film;negative\n"
+
+
+def test_csv_delimiter_is_detected(tmp_path: Path):
+    """A ';' CSV said "no column 'text' (columns: text;label_name)"."""
+    for delimiter in (";", "\t", "|"):
+        path = tmp_path / "d.csv"
+        path.write_text(LABELED.replace(";", delimiter), encoding="utf-8")
+        assert list(read_texts(path)) == ["great movie, really", "awful film"], repr(delimiter)
+        assert next(read_records(path))[1] == {"text": "great movie, really", "label_name": "positive"}
+
+
+def test_the_format_default_stays_when_its_header_has_the_columns(tmp_path: Path):
+    path = tmp_path / "d.csv"  # one column, texts full of semicolons: nothing to split
+    path.write_text("text\nfirst; second; third\nfoo; bar; baz\nx; y; z\n", encoding="utf-8")
+    assert list(read_texts(path)) == ["first; second; third", "foo; bar; baz", "x; y; z"]
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text("text\tn\na, b, c\t1\nd, e, f\t2\n", encoding="utf-8")
+    assert list(read_texts(tsv)) == ["a, b, c", "d, e, f"]
+
+
+def test_txt_with_a_delimited_header_is_read_by_column(tmp_path: Path):
+    """As .txt, `text;label_name` lines were one text each, header included."""
+    path = tmp_path / "d.txt"
+    path.write_text(LABELED, encoding="utf-8")
+    assert list(read_texts(path)) == ["great movie, really", "awful film"]
+    assert list(read_texts(path, column="label_name")) == ["positive", "negative"]
+    # Plain text stays plain: a first line that is a sentence, or a header without the column asked for.
+    plain = tmp_path / "p.txt"
+    plain.write_text("text, and more words\nsecond; line\n", encoding="utf-8")
+    assert list(read_texts(plain)) == ["text, and more words", "second; line"]
+    assert list(read_texts(path, column="body")) == LABELED.splitlines()
+
+
+def test_explicit_delimiter(tmp_path: Path):
+    from sora.data.readers import parse_delimiter
+
+    path = tmp_path / "d.csv"
+    path.write_text("text|n\na, b; c|1\n", encoding="utf-8")
+    assert list(read_texts(path, delimiter="|")) == ["a, b; c"]
+    tsv = tmp_path / "d.txt"
+    tsv.write_text("text\tn\na\t1\n", encoding="utf-8")
+    assert list(read_texts(tsv, delimiter="tab")) == ["a"]
+    assert [parse_delimiter(x) for x in ("tab", "\\t", "\t", ";", "pipe", None)] == ["\t"] * 3 + [";", "|", None]
+    with pytest.raises(DataError, match="one character"):
+        parse_delimiter(";;")
+
+
+def test_column_errors_say_which_delimiter_and_columns(tmp_path: Path):
+    path = tmp_path / "d.csv"
+    path.write_text(LABELED, encoding="utf-8")
+    msg = _error(read_texts, path, column="body")
+    assert msg.startswith(f"{path}:2: no column 'body'") and "columns: text, label_name" in msg, msg
+    assert "delimiter ';' detected" in msg, msg
+    comma = tmp_path / "c.csv"
+    comma.write_text("body,label\nhi,1\n", encoding="utf-8")
+    assert "delimiter ',', the .csv default" in _error(read_texts, comma)
+
+
+def test_labeled_text_with_a_delimited_header(tmp_path: Path):
+    from sora.data.tasks import read_examples
+
+    for name in ("d.txt", "d.csv"):
+        path = tmp_path / name
+        path.write_text(LABELED, encoding="utf-8")
+        examples, _ = read_examples(path, TaskConfig(label_column="label_name"))
+        assert [(e.text, e.label, e.line) for e in examples] == [("great movie, really", "positive", 2),
+                                                                  ("awful film", "negative", 3)]
+        # The default label column: the error names the header's columns and the delimiter, not a missing label.
+        msg = _error(read_examples, path, TaskConfig())
+        assert msg.startswith(f"{path}:2: no column 'label'") and "label_name" in msg and "';'" in msg, msg
+    piped = tmp_path / "p.txt"
+    piped.write_text("text|label\na|x\n", encoding="utf-8")
+    assert read_examples(piped, TaskConfig(), delimiter="|")[0][0].label == "x"
+
+
+def test_labels_in_plain_text_name_the_cause(tmp_path: Path):
+    from sora.data.tasks import read_examples
+
+    path = tmp_path / "d.txt"  # no header: one text per line, so there is no label column at all
+    path.write_text("great movie;positive\nawful film;negative\n", encoding="utf-8")
+    msg = _error(read_examples, path, TaskConfig())
+    assert msg.startswith(f"{path}:1:") and "plain text" in msg and "header" in msg, msg
+
+
+@pytest.mark.skipif("delimiter" not in TaskConfig.model_fields,
+                    reason="config.py has no tasks[].delimiter / data.delimiter yet")
+def test_delimiter_flag_reaches_the_recipe():
+    from sora.cli import _delimiter
+    from sora.config import load_finetune_recipe, load_recipe
+
+    for flag, char in (("|", "|"), ("tab", "\t"), (";", ";")):
+        assert load_finetune_recipe(None, {"tasks.0.delimiter": _delimiter(flag)}).tasks[0].delimiter == char
+        assert load_recipe(None, {"data.delimiter": _delimiter(flag)}).data.delimiter == char
+
+
+# --------------------------------------------------------------------------------------------- every row
+
+
+def test_read_column_keeps_every_row(tmp_path: Path):
+    from sora.data.readers import read_column
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, {"text": ""}, {"text": "  "}, {"text": "b"}])
+    assert list(read_column(path)) == [(1, "a"), (2, ""), (3, "  "), (4, "b")]
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text('text,n\n"",1\nx,2\n', encoding="utf-8")
+    assert list(read_column(csv_path)) == [(2, ""), (3, "x")]
+    nulls = write_jsonl(tmp_path / "n.jsonl", [{"text": "a"}, {"text": None}])
+    msg = _error(read_column, nulls)
+    assert msg.startswith(f"{nulls}:2:") and "null" in msg
+    short = tmp_path / "short.csv"
+    short.write_text("n,text\n1,a\n2\n", encoding="utf-8")
+    assert _error(read_column, short).startswith(f"{short}:3:")
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("", encoding="utf-8")
+    assert "no records" in _error(read_column, empty)
+
+
+def test_every_record_is_checked_for_its_columns(tmp_path: Path):
+    """Only the first record was checked: a later one without the column was a KeyError downstream."""
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, {"text": "b"}, {"body": "c"}])
+    msg = _error(read_records, path, columns=["text"])
+    assert msg.startswith(f"{path}:3: no column 'text'") and "body" in msg

@@ -580,33 +580,40 @@ def test_sigkill_then_resume_selects_like_the_uninterrupted_run(pretrained, samp
     """Killed -9 between checkpoints and resumed, a fine-tuning run ends on the same model (weights equal) with
     the same selection metadata and log: the best weights so far and the patience counter are in the checkpoint,
     not rebuilt from scratch (which let a resumed run end on a later, worse model after more steps)."""
-    max_steps, every, save_every, kill_at = 80, 4, 8, 66
+    max_steps, every, patience = 80, 4, 4
     args = ["finetune", "--init", str(pretrained), "--data", str(sample_dir), "--lr", "1e-3", *FT_FLAGS,
             "--set", f"finetune.max_steps={max_steps}", "--set", f"train.eval_every={every}",
-            "--set", f"train.save_every={save_every}", "--set", "finetune.patience=4"]
+            "--set", f"train.save_every={every}", "--set", f"finetune.patience={patience}"]
     full, broken = tmp_path / "full", tmp_path / "broken"
     run([*SORA, *args, "-o", str(full)])
+    vals = [r for r in log_rows(full) if "val_accuracy" in r]
+    end = vals[-1]["step"]
+    # Early stopping ended it: the last `patience` evaluations did not beat the best training one before them.
+    assert end < max_steps, [(r["step"], r["val_accuracy"]) for r in vals]
+    # Kill it halfway between the last two checkpoints: the resumed run restarts with the patience count at
+    # patience - 1 and the best weights long behind it.
+    kill_at, resumed_from = end - every // 2, end - every
     killed = run([*crashing_sora(tmp_path, kill_at), *args, "-o", str(broken)], check=False)
     assert killed.returncode == -9, killed.stderr
     assert [r["step"] for r in log_rows(broken)][-1] == kill_at and not (broken / "model").exists()
-    resumed_from = kill_at // save_every * save_every
+    trainer = json.loads((broken / "checkpoints" / f"step-{resumed_from:07d}" / "trainer" / "state.json").read_text())
+    kept = trainer["stateful"]["selector"]
+    assert kept["bad"] == patience - 1
+    assert kept["best"] == max(r["val_accuracy"] for r in vals if r["step"] <= resumed_from)
+    assert weights(full / "model").keys() <= kept["best_state"].keys()  # the best weights, stored as tensors
+    assert all(ref.keys() == {"$tensor"} for ref in kept["best_state"].values())
     run([*SORA, *args, "-o", str(broken), "--resume"])
 
-    # The case this is about: the best evaluation came before the checkpoint resumed from, and patience ran out
-    # after it, counting evaluations from both sides of the kill.
-    vals = [r for r in log_rows(full) if "val_accuracy" in r]
-    best = max(vals, key=lambda r: r["val_accuracy"])  # the first of equals, as the selector keeps it
-    assert 0 < best["step"] < resumed_from < vals[-1]["step"] < max_steps, [(r["step"], r["val_accuracy"])
-                                                                          for r in vals]
     assert log_rows(broken) == log_rows(full)  # every step's losses and every validation, exactly
     meta = [json.loads((d / "model" / "config.json").read_text())["metadata"] for d in (full, broken)]
-    assert meta[0] == meta[1] and meta[0]["validation"]["val_accuracy"] == best["val_accuracy"]
+    assert meta[0] == meta[1]
+    assert meta[0]["validation"]["val_accuracy"] == max(r["val_accuracy"] for r in vals)
     a, b = weights(full / "model"), weights(broken / "model")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    # The best weights are not the last ones: selection really restored them.
-    last = weights(full / "checkpoints" / f"step-{vals[-1]['step']:07d}")
+    # The saved weights are the best ones, not the last ones: selection restored them in both runs.
+    last = weights(full / "checkpoints" / f"step-{end:07d}")
     assert any(not torch.equal(a[k], last[k]) for k in a)
 
 
@@ -704,3 +711,21 @@ def test_a_collapsed_starting_model_is_warned_about(pretrained, sample_dir):
     add_head(model, "topic", head_spec(data.task, data))
     with pytest.warns(SoraWarning, match="collapsed"):
         init_head(model, tokenizer, "topic", data, 32, "probe")
+
+
+def test_resume_with_the_auxiliary_loss_sees_the_same_unlabeled_batches(pretrained, sample_dir, tmp_path):
+    """With continued denoising on unlabeled text, a run killed in its second epoch and resumed logs the same
+    losses as an uninterrupted one: the unlabeled batch of each step depends on (epoch, index), not on how many
+    batches this process happened to draw before."""
+    args = ["finetune", "--init", str(pretrained), "--data", str(sample_dir), "--lr", "1e-3", *FT_FLAGS,
+            "--aux-weight", "0.5", "--unlabeled", str(sample_dir / "train.jsonl"),
+            "--set", "finetune.max_steps=30", "--set", "train.eval_every=0", "--set", "train.save_every=25",
+            "--set", "finetune.patience=0"]
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    run([*SORA, *args, "-o", str(full)])
+    killed = run([*crashing_sora(tmp_path, 27), *args, "-o", str(broken)], check=False)  # 360 / 16: epoch 1
+    assert killed.returncode == -9, killed.stderr
+    run([*SORA, *args, "-o", str(broken), "--resume"])
+    rows = [r for r in log_rows(full) if "aux_loss" in r or "denoise" in r]
+    assert rows, log_rows(full)[:2]  # the auxiliary loss is logged
+    assert log_rows(broken) == log_rows(full)

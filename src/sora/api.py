@@ -32,6 +32,12 @@ class Sora:
         return self.model.code_dim
 
     @property
+    def encoder(self) -> Any:
+        """What computes codes, for every head: the ``OnnxEncoder`` of an ONNX checkpoint, else the PyTorch model
+        (both take ``SoraModel.embed``'s call)."""
+        return self.model if self.onnx is None else self.onnx
+
+    @property
     def dtype(self) -> str:
         """What the encoder computes in: float32, or bfloat16 / float16 (int8 and ONNX report float32)."""
         return str(self.model.encoder.embeddings.word.weight.dtype).removeprefix("torch.")
@@ -61,8 +67,7 @@ class Sora:
         out = torch.zeros(len(texts), self.dim, device=self.device)
         with torch.inference_mode(), tqdm(total=len(texts), disable=not progress, unit="text") as bar:
             for idx, batch in self._batches(texts, batch_size, max_length or self.max_length):
-                encoder = self.model if self.onnx is None else self.onnx  # sora.compress backend hook
-                out[idx] = encoder.embed(batch["input_ids"], batch["attention_mask"]).float()
+                out[idx] = self.encoder.embed(batch["input_ids"], batch["attention_mask"]).float()
                 bar.update(len(idx))
         return out
 
@@ -91,8 +96,11 @@ class Sora:
         if pairs and not all(isinstance(t, tuple | list) and len(t) == 2 for t in texts):
             raise SoraError(f"task {pairs[0]!r} takes pairs of texts: pass (text_a, text_b) tuples")
         if single:
-            if any(not isinstance(t, str) for t in texts):
-                raise SoraError(f"task {single[0]!r} takes single texts, not pairs")
+            bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+            if bad is not None:
+                what = texts[bad]
+                raise SoraError(f"task {single[0]!r} takes single texts, not pairs" if isinstance(what, tuple | list)
+                                else f"text {bad} is {'null' if what is None else type(what).__name__}, not a string")
             code = self.codes(list(texts), batch_size)
             with torch.inference_mode():
                 for name in single:
@@ -103,7 +111,7 @@ class Sora:
         for name in pairs:
             examples = [Example(t[0], None, t[1]) for t in texts]
             enc = encode_examples(examples, True, specs[name].pair_mode, self.tokenizer, self.max_length)
-            for i, v in enumerate(predict_scores(self.model, self.tokenizer, name, enc, batch_size)):
+            for i, v in enumerate(predict_scores(self.model, self.tokenizer, name, enc, batch_size, self.encoder)):
                 rows[i][name] = format_prediction(specs[name], v)
         return rows
 
@@ -138,12 +146,16 @@ def format_prediction(spec, s: np.ndarray) -> dict[str, Any]:
 
 
 def load(path: str | Path, device: str = "cpu", backend: str | None = None, dtype: str | None = None) -> Sora:
-    """``backend``: None runs what the checkpoint says (see ``sora compress``), "torch" or "onnx". ``dtype``:
+    """``path``: a Sora checkpoint or run directory, a local Hugging Face BERT-style encoder directory, or
+    ``all-MiniLM-L6-v2`` / ``minilm`` (the names every command takes; see ``models.checkpoint.resolve_checkpoint``).
+    An HF encoder loads without task heads: ``embed`` works, ``predict`` asks for fine-tuning first.
+
+    ``backend``: None runs what the checkpoint says (see ``sora compress``), "torch" or "onnx". ``dtype``:
     None runs the checkpoint's (float32 unless compressed to bf16), or "float32" / "bfloat16" / "float16"
     for the encoder (bfloat16 pays on CPUs with AVX-512 BF16 or AMX, and on GPUs)."""
     p = resolve_checkpoint(path)
     dev = torch.device(device)
-    model, tokenizer, config = load_checkpoint(p, dev)
+    model, tokenizer, config = load_checkpoint(path, dev)  # the name as given: an alias stays the model's backbone
     onnx = None
     if config.get("compression") or backend not in (None, "torch") or dtype:  # ---- sora.compress hook ----
         from sora.compress.runtime import prepare
@@ -156,12 +168,15 @@ def load(path: str | Path, device: str = "cpu", backend: str | None = None, dtyp
 
 @torch.inference_mode()
 def predict_scores(model: SoraModel, tokenizer: SoraTokenizer, name: str, encoded: list[dict[str, Any]],
-                   batch_size: int = 64) -> np.ndarray:
+                   batch_size: int = 64, encoder: Any = None) -> np.ndarray:
     """Scores of head ``name`` for pre-encoded examples (see ``data.tasks.encode_examples``), in order:
-    (n, labels) probabilities, or (n,) values for regression."""
+    (n, labels) probabilities, or (n,) values for regression. ``encoder`` computes the codes the head reads:
+    ``model`` by default, or an ``OnnxEncoder``; ``Sora.predict`` and the compression gate both come here, so
+    the gate measures what is served."""
     from sora.data.tasks import make_batch
-    from sora.models.heads import scores, task_logits
+    from sora.models.heads import head_features, scores
 
+    spec, encoder = model.head_specs[name], model if encoder is None else encoder
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -170,7 +185,8 @@ def predict_scores(model: SoraModel, tokenizer: SoraTokenizer, name: str, encode
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = {k: v.to(device) for k, v in make_batch([encoded[i] for i in idx], tokenizer.pad_id).items()}
-        s = scores(model.head_specs[name], task_logits(model, name, batch)).float().cpu().numpy()
+        logits = model.heads[name](head_features(encoder, spec, batch))  # reads only encoder.embed
+        s = scores(spec, logits.squeeze(-1) if spec.type == "regression" else logits).float().cpu().numpy()
         if out is None:
             out = np.zeros((len(encoded), *s.shape[1:]), dtype=np.float32)
         out[idx] = s

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +17,56 @@ from sora.errors import SoraError, SoraWarning, missing
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Sora: denoising-autoencoder text representations from your own unlabeled text.")
+
+
+MODEL_HELP = "a Sora checkpoint or run directory, a local Hugging Face encoder directory, or all-MiniLM-L6-v2"
+TUNED_HELP = ("a fine-tuned Sora checkpoint or run directory (a Hugging Face encoder or all-MiniLM-L6-v2 loads "
+              "too, but has no task heads)")
+DELIMITER_HELP = "CSV/TSV/TXT field delimiter: one character, or tab (default: detected from the header)"
+
+
+def _delimiter(value: str | None) -> str | None:
+    """``--delimiter`` as a recipe override: JSON-quoted, so that YAML keeps ``|`` or a tab a string."""
+    from sora.data.readers import parse_delimiter
+
+    d = parse_delimiter(value)
+    return None if d is None else json.dumps(d)
+
+
+def _check_writable(output: Path) -> None:
+    """Refuse an output that cannot be written before doing the work (a parent that is a file, or a directory
+    this user may not write)."""
+    for parent in output.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SoraError(f"{output}: cannot write it ({parent} is a file, not a directory)")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise SoraError(f"{output}: cannot write it (no permission to write in {parent})")
+            return
+
+
+def _write_atomically(output: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` into a temporary file beside ``output``, then rename it into place: a failure (disk full,
+    no permission) leaves neither a half-written file nor the directories made for it, and an older file
+    where it was."""
+    _check_writable(output)
+    made = [d for d in output.parents if not d.exists()]
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, output)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        for d in made:  # deepest first
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        if isinstance(exc, OSError):
+            raise SoraError(f"{output}: cannot write it ({exc.strerror or exc})") from None
+        raise
 
 
 def _overrides(pairs: list[str] | None, **flags: Any) -> dict[str, Any]:
@@ -34,6 +87,7 @@ def pretrain(
     validation: Annotated[str | None, typer.Option(help="validation text file")] = None,
     column: Annotated[str | None, typer.Option(help="text column (JSONL/CSV/TSV/Parquet)")] = None,
     format: Annotated[str | None, typer.Option(help="jsonl|csv|tsv|txt|parquet (default: extension)")] = None,
+    delimiter: Annotated[str | None, typer.Option(help=DELIMITER_HELP + "; recipe key data.delimiter")] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="run directory")] = None,
     backbone: Annotated[str | None, typer.Option(help="local HF encoder directory (domain adaptation)")] = None,
     max_steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
@@ -55,7 +109,8 @@ def pretrain(
 
     overrides = _overrides(
         set_, **{"data.train": train, "data.validation": validation, "data.column": column, "data.format": format,
-                 "output": output, "model.backbone": backbone, "train.max_steps": max_steps,
+                 "data.delimiter": _delimiter(delimiter), "output": output, "model.backbone": backbone,
+                 "train.max_steps": max_steps,
                  "train.max_minutes": minutes, "data.batch_size": batch_size, "train.lr": lr,
                  "data.max_length": max_length, "tokenizer.vocab_size": vocab_size, "train.device": device,
                  "train.seed": seed, "train.save_every": save_every,
@@ -73,13 +128,14 @@ def pretrain(
 @app.command()
 def finetune(
     recipe: Annotated[Path | None, typer.Argument(help="YAML recipe; flags override it")] = None,
-    init: Annotated[str | None, typer.Option(help="Sora checkpoint, or a local HF encoder / all-MiniLM-L6-v2")] = None,
+    init: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     data: Annotated[str | None, typer.Option(help="task data: a dir with train/validation/test, or a file")] = None,
     validation: Annotated[str | None, typer.Option(help="validation file (model selection)")] = None,
     test: Annotated[str | None, typer.Option(help="test file (for sora evaluate)")] = None,
     task_type: Annotated[str | None, typer.Option(help="classification|pair|multilabel|regression")] = None,
     text_column: Annotated[str | None, typer.Option()] = None,
     label_column: Annotated[str | None, typer.Option()] = None,
+    delimiter: Annotated[str | None, typer.Option(help=DELIMITER_HELP + "; recipe key tasks[].delimiter")] = None,
     labels_per_class: Annotated[int | None, typer.Option(help="few-label regime: N per class")] = None,
     class_weights: Annotated[bool | None, typer.Option("--class-weights/--no-class-weights")] = None,
     epochs: Annotated[float | None, typer.Option()] = None,
@@ -102,7 +158,8 @@ def finetune(
     overrides = _overrides(
         set_, **{"finetune.init": init, "tasks.0.data": data, "tasks.0.validation": validation, "tasks.0.test": test,
                  "tasks.0.type": task_type, "tasks.0.text_column": text_column,
-                 "tasks.0.label_column": label_column, "tasks.0.labels_per_class": labels_per_class,
+                 "tasks.0.label_column": label_column, "tasks.0.delimiter": _delimiter(delimiter),
+                 "tasks.0.labels_per_class": labels_per_class,
                  "tasks.0.class_weights": class_weights, "finetune.epochs": epochs, "train.lr": lr,
                  "data.batch_size": batch_size, "data.max_length": max_length,
                  "finetune.aux_denoise_weight": aux_weight, "finetune.unlabeled": unlabeled, "output": output,
@@ -115,7 +172,7 @@ def finetune(
 
 @app.command()
 def evaluate(
-    checkpoint: Annotated[str, typer.Argument(help="fine-tuned checkpoint or run directory")],
+    checkpoint: Annotated[str, typer.Argument(help=TUNED_HELP)],
     data: Annotated[str | None, typer.Option(help="labeled data (default: the task's test split)")] = None,
     split: Annotated[str, typer.Option(help="split to read when --data is a directory")] = "test",
     task: Annotated[str | None, typer.Option(help="task head (when there are several)")] = None,
@@ -137,12 +194,13 @@ def evaluate(
 
 @app.command()
 def predict(
-    checkpoint: Annotated[str, typer.Argument(help="fine-tuned checkpoint or run directory")],
+    checkpoint: Annotated[str, typer.Argument(help=TUNED_HELP)],
     input: Annotated[str, typer.Argument(help="texts: JSONL/CSV/TSV/TXT/Parquet")],
     output: Annotated[Path, typer.Option("--output", "-o", help=".jsonl or .csv")],
     task: Annotated[str | None, typer.Option(help="one task head (default: all)")] = None,
     text_column: Annotated[str | None, typer.Option(help="default: text (text_a for pair tasks when present)")] = None,
     text_b_column: Annotated[str, typer.Option(help="second text of pair tasks")] = "text_b",
+    delimiter: Annotated[str | None, typer.Option(help=DELIMITER_HELP)] = None,
     batch_size: Annotated[int, typer.Option()] = 64,
     device: Annotated[str, typer.Option()] = "cpu",
     dtype: Annotated[str | None, typer.Option(help="float32|bfloat16|float16 for the encoder (default: the "
@@ -150,43 +208,64 @@ def predict(
     url: Annotated[str | None, typer.Option(help="a `sora serve` URL to predict with (CHECKPOINT is then ignored; "
                                                  "API key from $SORA_API_KEY)")] = None,
 ) -> None:
-    """Batch predictions with scores, written as JSONL or CSV."""
+    """Batch predictions with scores, written as JSONL or CSV (one row per input row, in order)."""
     import csv
 
     import sora
-    from sora.data.readers import read_records
+    from sora.data.readers import detect_layout, read_records, resolve_split, text_value
+    from sora.errors import DataError
 
     suffix = output.suffix.lower()
     if suffix not in (".jsonl", ".csv"):
         raise SoraError(f"--output {output}: use a .jsonl or .csv file")
+    _check_writable(output)
     if url:
-        import os
-
         from sora.client import SoraClient
 
         client = SoraClient(url, api_key=os.environ.get("SORA_API_KEY"), batch_size=batch_size)
         pair = any(s["pair"] for n, s in client.models()["tasks"].items() if task in (None, n))
     else:
         model = sora.load(checkpoint, device=device, dtype=dtype)
+        if not model.model.head_specs:
+            kind = "a Hugging Face encoder" if model.config.get("kind") == "hf-encoder" else "a checkpoint"
+            raise SoraError(f"{checkpoint}: {kind} with no task heads, so nothing to predict (embed with it: "
+                            f"sora embed {checkpoint} ...; or fine-tune it first: sora finetune --init {checkpoint})")
         pair = any(s.pair for n, s in model.model.head_specs.items() if task in (None, n))
+    path = resolve_split(input)
+    wanted = [text_column or "text", "text_a", text_b_column] if pair else [text_column or "text"]
+    layout = detect_layout(path, None, delimiter, wanted)
+    rows = list(read_records(path, layout=layout))
+    if not rows:
+        raise DataError(f"{path}: no rows to predict (empty data)")
     if text_column is None:
-        first = next(read_records(input))[1]
+        first = rows[0][1]
         text_column = "text_a" if pair and "text_a" in first and "text" not in first else "text"
-    records = [r for _, r in read_records(input, columns=[text_column, text_b_column] if pair else [text_column])]
-    inputs = [(r[text_column], r[text_b_column]) if pair else r[text_column] for r in records]
+    columns = [text_column, text_b_column] if pair else [text_column]
+    records, inputs = [], []
+    for line, r in rows:
+        absent = [c for c in columns if c not in r]
+        if absent:
+            raise DataError(f"{path}:{line}: no column {absent[0]!r} ({layout.describe(r)})")
+        texts = [text_value(layout, line, r, c) for c in columns]
+        records.append(r)
+        inputs.append(tuple(texts) if pair else texts[0])
     preds = client.predict(inputs, tasks=task) if url else model.predict(inputs, task=task, batch_size=batch_size)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".jsonl":
-        with output.open("w", encoding="utf-8") as fh:
-            for r, p in zip(records, preds, strict=True):
-                fh.write(json.dumps({**r, "predictions": p}, ensure_ascii=False) + "\n")
-    else:
+
+    def write(tmp: Path) -> None:
+        if suffix == ".jsonl":
+            with tmp.open("w", encoding="utf-8") as fh:
+                for r, p in zip(records, preds, strict=True):
+                    fh.write(json.dumps({**r, "predictions": p}, ensure_ascii=False) + "\n")
+            return
         flat = [{**r, **{f"{t}.{k}": (json.dumps(v) if isinstance(v, dict | list) else v)
                          for t, pr in p.items() for k, v in pr.items()}} for r, p in zip(records, preds, strict=True)]
-        with output.open("w", encoding="utf-8", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(flat[0]))
+        fields = list(dict.fromkeys(k for row in flat for k in row))  # rows of a JSONL input may differ
+        with tmp.open("w", encoding="utf-8", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
             writer.writeheader()
             writer.writerows(flat)
+
+    _write_atomically(output, write)
     typer.echo(f"{len(preds)} predictions -> {output}")
 
 
@@ -242,7 +321,7 @@ def label_curve(
 
 @app.command()
 def serve(
-    checkpoint: Annotated[str, typer.Argument(help="checkpoint or run directory")],
+    checkpoint: Annotated[str, typer.Argument(help=MODEL_HELP)],
     host: Annotated[str, typer.Option(help="address to bind (loopback unless you say otherwise)")] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
     workers: Annotated[int, typer.Option(help="worker processes (each loads the model and batches on its own)")
@@ -256,6 +335,11 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="requests waiting for a forward pass before 429")] = 1024,
     max_texts: Annotated[int, typer.Option(help="texts per request before 413")] = 256,
     max_chars: Annotated[int, typer.Option(help="characters per text before 413")] = 5000,
+    max_body_bytes: Annotated[int | None, typer.Option(help="request body bytes before 413 (default: what "
+                                                            "--max-texts and --max-chars allow)",
+                                                       envvar="SORA_MAX_BODY_BYTES")] = None,
+    body_timeout_s: Annotated[float, typer.Option(help="seconds a request body may take to arrive before 408",
+                                                  envvar="SORA_BODY_TIMEOUT_S")] = 10.0,
     backend: Annotated[str, typer.Option(help="auto|torch|onnx (auto: what the checkpoint says, see sora compress)")
                        ] = "auto",
     device: Annotated[str, typer.Option()] = "cpu",
@@ -278,7 +362,8 @@ def serve(
                                  api_key_env=api_key_env or None, max_batch_tokens=max_batch_tokens,
                                  max_wait_ms=max_wait_ms, max_queue=max_queue, max_texts=max_texts,
                                  max_chars=max_chars, backend=backend, device=device, access_log=access_log,
-                                 model_name=model_name, dtype=dtype)
+                                 model_name=model_name, dtype=dtype, max_body_bytes=max_body_bytes,
+                                 body_timeout_s=body_timeout_s)
     except ValidationError as exc:
         err = exc.errors()[0]
         raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
@@ -287,7 +372,7 @@ def serve(
 
 @app.command()
 def compress(
-    checkpoint: Annotated[str, typer.Argument(help="fine-tuned checkpoint or run directory")],
+    checkpoint: Annotated[str, typer.Argument(help=TUNED_HELP)],
     output: Annotated[Path, typer.Option("--output", "-o", help="directory of the compressed checkpoint")],
     method: Annotated[str, typer.Option(help="prune | int8 (PyTorch) | onnx | onnx-int8 (ONNX Runtime) | bf16 "
                                              "(encoder in bfloat16: CPUs with AVX-512 BF16 / AMX, GPUs)")],
@@ -322,22 +407,24 @@ def compress(
 
 @app.command()
 def embed(
-    checkpoint: Annotated[str, typer.Argument(help="checkpoint or run directory")],
+    checkpoint: Annotated[str, typer.Argument(help=MODEL_HELP)],
     input: Annotated[str, typer.Argument(help="texts: JSONL/CSV/TSV/TXT/Parquet")],
     output: Annotated[Path, typer.Option("--output", "-o", help=".npy or .parquet")],
     column: Annotated[str, typer.Option()] = "text",
     format: Annotated[str | None, typer.Option()] = None,
+    delimiter: Annotated[str | None, typer.Option(help=DELIMITER_HELP)] = None,
     batch_size: Annotated[int, typer.Option()] = 64,
     normalize: Annotated[bool, typer.Option(help="L2-normalise the vectors")] = False,
     device: Annotated[str, typer.Option()] = "cpu",
     dtype: Annotated[str | None, typer.Option(help="float32|bfloat16|float16 for the encoder (default: the "
                                                    "checkpoint's)")] = None,
 ) -> None:
-    """Embed texts into sentence vectors (.npy, or .parquet with the texts beside them)."""
+    """Embed texts into sentence vectors, one per input row in order, an empty text included (.npy, or
+    .parquet with row, line and text beside each vector)."""
     import numpy as np
 
     import sora
-    from sora.data import read_texts
+    from sora.data.readers import read_column
 
     suffix = output.suffix.lower()
     if suffix not in (".npy", ".parquet"):
@@ -348,24 +435,33 @@ def embed(
             import pyarrow.parquet as pq
         except ImportError as exc:
             raise missing(exc, f"--output {output}") from exc
+    _check_writable(output)
     model = sora.load(checkpoint, device=device, dtype=dtype)
-    texts = list(read_texts(input, column, format))
+    lines, texts = [], []
+    for line, text in read_column(input, column, format, delimiter):
+        lines.append(line)
+        texts.append(text)
     vectors = model.embed(texts, batch_size=batch_size, normalize=normalize, progress=True)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if suffix == ".npy":
-        np.save(output, vectors)
-    else:
-        table = pa.table({"text": texts, "embedding": list(vectors)})
-        pq.write_table(table, output)
+
+    def write(tmp: Path) -> None:
+        if suffix == ".npy":
+            with tmp.open("wb") as fh:  # a file object: np.save would add .npy to the temporary name
+                np.save(fh, vectors)
+        else:  # row: the .npy row and input record index; line: where the record is in the input file
+            table = pa.table({"row": pa.array(range(len(texts)), pa.int64()), "line": pa.array(lines, pa.int64()),
+                              "text": texts, "embedding": list(vectors)})
+            pq.write_table(table, tmp)
+
+    _write_atomically(output, write)
     typer.echo(f"{len(texts)} vectors of dim {vectors.shape[1]} -> {output}")
 
 
 @app.command()
 def info(
-    checkpoint: Annotated[str, typer.Argument(help="checkpoint or run directory")],
+    checkpoint: Annotated[str, typer.Argument(help=MODEL_HELP)],
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Describe a checkpoint: architecture, size, training and metadata."""
+    """Describe a model: architecture, size, training and metadata."""
     import sora
 
     details = sora.load(checkpoint).info()

@@ -23,6 +23,7 @@ class DataConfig(_Strict):
     validation: str | None = None
     column: str = "text"
     format: Literal["jsonl", "csv", "tsv", "txt", "parquet"] | None = None  # default: from the extension
+    delimiter: str | None = None  # CSV/TSV/TXT field delimiter (";", "|", tab, ...); default: detected
     max_length: int = Field(128, ge=4)
     batch_size: int = Field(32, ge=1)
     bucket_batches: int = Field(50, ge=1)  # batches read ahead and sorted by length
@@ -175,8 +176,11 @@ class TaskConfig(_Strict):
     text_b_column: str = "text_b"
     inputs: Literal["auto", "single", "pair"] = "auto"  # auto: pairs when the data has text_b_column
     label_column: str = "label"
+    delimiter: str | None = None  # CSV/TSV/TXT field delimiter of the task's files; default: detected
     labels: list[str] | None = None  # default: inferred from the training data, sorted
-    pair_mode: Literal["cross", "siamese"] = "cross"
+    # siamese: a head on [u, v, |u-v|, u*v] of the two codes; cross: "[CLS] a [SEP] b [SEP]". Siamese won the
+    # pair sweeps at 8 labels per class and on full data (bench/results/accuracy.sweep.json).
+    pair_mode: Literal["cross", "siamese"] = "siamese"
     labels_per_class: int | None = None  # few-label regime: sample N per class (seeded)
     max_train: int | None = None  # cap the training set (seeded subsample)
     class_weights: bool = False  # inverse-frequency weights against imbalance
@@ -186,7 +190,7 @@ class TaskConfig(_Strict):
     # embeddings + logistic regression"), no for a native Sora encoder, whose code norm carries information.
     normalize: bool | None = None
     weight: float = Field(1.0, gt=0)  # α_t when several tasks train together
-    contrastive_weight: float = Field(0.0, ge=0)  # + β · supervised contrastive loss on the codes (few labels)
+    contrastive_weight: float = Field(1.0, ge=0)  # + β · supervised contrastive loss (classification, cross pairs)
     temperature: float = Field(0.1, gt=0)
     metric: str | None = None  # model selection: default accuracy / micro_f1 / pearson by type
     label_separator: str = ","  # multilabel: labels given as "a,b" (or a JSON list)
@@ -194,18 +198,21 @@ class TaskConfig(_Strict):
 
 class FinetuneConfig(_Strict):
     init: str | None = None  # a Sora checkpoint / run dir, or a local HF encoder (e.g. all-MiniLM-L6-v2)
-    layer_lr_decay: float = Field(1.0, gt=0, le=1.0)  # lr × decay^(depth from the top) per encoder layer
-    head_lr_multiplier: float = Field(1.0, gt=0)
+    # The defaults below are the recipe the accuracy benchmark selected on validation (bench/accuracy.py).
+    layer_lr_decay: float = Field(0.8, gt=0, le=1.0)  # lr × decay^(depth from the top) per encoder layer
+    head_lr_multiplier: float = Field(10.0, gt=0)
     # How classification heads start: "probe" fits a logistic regression on the initial (frozen) codes, so
     # fine-tuning starts where a linear probe ends (LP-FT); "prototype" uses nearest class means; "zero" none.
     head_init: Literal["probe", "prototype", "zero"] = "probe"
     probe_c: list[float] = [0.01, 0.1, 1.0, 10.0, 100.0]  # inverse regularisation strengths tried on validation
     gradual_unfreeze: bool = False  # train the head first, then unfreeze one layer from the top per epoch
-    epochs: float = Field(5.0, gt=0)
-    max_steps: int | None = None  # overrides epochs
+    # Training length. Unset: chosen from the labelled examples per class (sora.train.finetune.SCHEDULES: few
+    # labels get many short epochs, full data one). ``epochs`` or ``max_steps`` set: exactly that.
+    epochs: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, ge=1)  # overrides epochs
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    max_evaluations: int = Field(20, ge=1)  # validation at most this often (and at least once per epoch)
-    patience: int = Field(3, ge=0)  # evaluations without improvement before stopping (0: never stop)
+    max_evaluations: int | None = Field(None, ge=1)  # validations over the run (default: the schedule's, 3)
+    patience: int = Field(2, ge=0)  # evaluations without improvement before stopping (0: never stop)
     aux_denoise_weight: float = Field(0.0, ge=0)  # α of the continued denoising loss on unlabeled text
     unlabeled: str | None = None  # unlabeled text for it (default: the tasks' training texts)
     seed: int = 13
@@ -222,7 +229,7 @@ class FinetuneModel(ModelConfig):  # used when fine-tuning starts from an HF enc
 
 
 class FinetuneTrain(TrainConfig):
-    lr: float = 5e-5
+    lr: float = 2e-4  # with layer_lr_decay 0.8: the top layer at 2e-4, the embeddings at 5e-5
     warmup_steps: int = 0  # 0: finetune.warmup_ratio of the steps
     eval_every: int = Field(0, ge=0)  # 0: once per epoch, at most finetune.max_evaluations times
     save_every: int = Field(0, ge=0)

@@ -18,7 +18,7 @@ import torch
 
 from sora.config import TaskConfig
 from sora.data.batching import collate
-from sora.data.readers import read_records, resolve_split
+from sora.data.readers import Layout, detect_layout, read_records, resolve_split
 from sora.errors import DataError
 from sora.text.tokenizer import SoraTokenizer
 
@@ -52,27 +52,29 @@ def _label_kind(value: Any) -> str:
 
 
 def read_examples(path: str | Path, task: TaskConfig, split: str = "train", require_labels: bool = True,
-                  pair: bool | None = None) -> tuple[list[Example], bool]:
-    """Examples of one split, and whether they are pairs. Labels are checked line by line."""
+                  pair: bool | None = None, delimiter: str | None = None) -> tuple[list[Example], bool]:
+    """Examples of one split, and whether they are pairs. Labels are checked line by line. ``delimiter``
+    (default: the task's ``delimiter`` where the recipe has one) splits CSV/TSV/TXT; else it is detected."""
     p = resolve_split(path, split)
+    delimiter = delimiter or getattr(task, "delimiter", None)
+    layout = detect_layout(p, None, delimiter,
+                           [task.text_column, "text_a", task.text_b_column, task.label_column])
     examples: list[Example] = []
     first_kind: tuple[str, int, Any] | None = None
-    for line, record in read_records(p):
+    for line, record in read_records(p, layout=layout):
         if pair is None:
             pair = task.inputs == "pair" or task.type == "pair" or (
                 task.inputs == "auto" and task.text_b_column in record)
         text_key = "text_a" if pair and "text_a" in record and task.text_column not in record else task.text_column
         for key in (text_key, task.text_b_column) if pair else (text_key,):
             if key not in record:
-                raise DataError(f"{p}:{line}: no column {key!r} (columns: {', '.join(map(str, record))})")
+                raise DataError(f"{p}:{line}: no column {key!r} ({layout.describe(record)})")
             if not isinstance(record[key], str):
                 raise DataError(f"{p}:{line}: column {key!r} holds {type(record[key]).__name__}, not text")
         label = record.get(task.label_column)
         if label is None or label == "":
             if require_labels:
-                where = "missing" if task.label_column not in record else "empty"
-                raise DataError(f"{p}:{line}: {where} label in column {task.label_column!r} "
-                                "(remove the row, or fill it in)")
+                raise DataError(_label_error(p, line, record, task, layout))
         else:
             kind = _label_kind(label)
             if first_kind is None:
@@ -85,6 +87,20 @@ def read_examples(path: str | Path, task: TaskConfig, split: str = "train", requ
     if not examples:
         raise DataError(f"{p}: no examples (empty data)")
     return examples, bool(pair)
+
+
+def _label_error(p: Path, line: int, record: dict[str, Any], task: TaskConfig, layout: Layout) -> str:
+    """Why row ``line`` has no label: plain text has no label column at all, a header without the column is
+    the wrong column name (or delimiter), else this one row lacks it."""
+    column = task.label_column
+    if layout.plain_text:
+        return (f"{p}:{line}: no label column {column!r}: a .txt file is read as plain text, one text per line "
+                "(for labeled data give it a header line such as 'text,label', or use JSONL/CSV/TSV)")
+    if column not in record and layout.kind != "jsonl":  # a header without the column: every row lacks it
+        return (f"{p}:{line}: no column {column!r} ({layout.describe(record)}); set the task's label_column "
+                "(--label-column)")
+    where = "missing" if column not in record else "empty"
+    return f"{p}:{line}: {where} label in column {column!r} (remove the row, or fill it in)"
 
 
 def _convert(label: Any, task: TaskConfig, path: Path, line: int) -> Any:

@@ -63,7 +63,7 @@ def has_decoder(recipe: FinetuneRecipe) -> bool:
 
 def search_space(recipe: FinetuneRecipe, decoder: bool = True) -> dict[str, dict[str, Any]]:
     """Dotted recipe key -> distribution. Epochs range around the recipe's value (half to double)."""
-    epochs = recipe.finetune.epochs
+    epochs = recipe.finetune.epochs or 10.0  # unset: around the few-label schedule's 10
     lo = max(1, math.floor(epochs / 2))
     space: dict[str, dict[str, Any]] = {
         "train.lr": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True},

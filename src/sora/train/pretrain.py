@@ -12,7 +12,7 @@ from sora.config import DataConfig, ModelConfig, Recipe, TokenizerConfig
 from sora.data import TextSource, token_batches
 from sora.errors import ConfigError, DataError
 from sora.models.autoencoder import SoraModel
-from sora.models.hf_import import hf_encoder_state, hf_model_config, resolve_backbone
+from sora.models.hf_import import build_hf_model, resolve_backbone
 from sora.objectives import build_objective
 from sora.text.tokenizer import SoraTokenizer, train_tokenizer
 from sora.train.distributed import finish, setup, teardown
@@ -38,14 +38,7 @@ def build_tokenizer(cfg: TokenizerConfig, model_cfg: ModelConfig, corpus: TextSo
 def build_model(cfg: ModelConfig, tokenizer: SoraTokenizer) -> SoraModel:
     """Native encoder sized to the tokenizer, or a local HF encoder imported into Sora's modules."""
     if cfg.backbone:
-        cfg = hf_model_config(cfg.backbone, cfg)
-        cfg = cfg.model_copy(update=dict(cls_id=tokenizer.cls_id, sep_id=tokenizer.sep_id,
-                                         mask_id=tokenizer.mask_id, pad_id=tokenizer.pad_id))
-        model = SoraModel(cfg)
-        missing, unexpected = model.encoder.load_state_dict(hf_encoder_state(cfg.backbone, cfg.layers), strict=False)
-        if unexpected or [m for m in missing if "token_type" not in m]:
-            raise ConfigError(f"{cfg.backbone}: encoder weights do not fit (missing {missing[:3]})")
-        return model
+        return build_hf_model(cfg.backbone, cfg, tokenizer)
     cfg = cfg.model_copy(update=dict(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
                                      cls_id=tokenizer.cls_id, sep_id=tokenizer.sep_id, mask_id=tokenizer.mask_id))
     return SoraModel(cfg)
@@ -54,10 +47,12 @@ def build_model(cfg: ModelConfig, tokenizer: SoraTokenizer) -> SoraModel:
 def validation_batches(data: DataConfig, tokenizer: SoraTokenizer) -> list[dict[str, torch.Tensor]]:
     """``data.validation``, else the ``validation`` split beside a train directory, else none."""
     if data.validation:
-        source = TextSource(data.validation, data.column, data.format, data.max_validation, split="validation")
+        source = TextSource(data.validation, data.column, data.format, data.max_validation, split="validation",
+                            delimiter=data.delimiter)
     elif data.train and Path(data.train).is_dir():
         try:
-            source = TextSource(data.train, data.column, data.format, data.max_validation, split="validation")
+            source = TextSource(data.train, data.column, data.format, data.max_validation, split="validation",
+                                delimiter=data.delimiter)
         except DataError:
             return []
     else:
@@ -72,7 +67,8 @@ def run_pretrain(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
     dist = setup(recipe.train.device)
     out = Path(recipe.output)
     try:
-        corpus = TextSource(recipe.data.train, recipe.data.column, recipe.data.format, split="train")
+        corpus = TextSource(recipe.data.train, recipe.data.column, recipe.data.format, split="train",
+                            delimiter=recipe.data.delimiter)
         corpus.check()
         if dist.enabled and not dist.is_main:
             torch.distributed.barrier()  # rank 0 trains the tokenizer first
