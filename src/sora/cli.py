@@ -172,23 +172,42 @@ def finetune(
 
 @app.command()
 def evaluate(
-    checkpoint: Annotated[str, typer.Argument(help=TUNED_HELP)],
-    data: Annotated[str | None, typer.Option(help="labeled data (default: the task's test split)")] = None,
-    split: Annotated[str, typer.Option(help="split to read when --data is a directory")] = "test",
+    checkpoint: Annotated[str, typer.Argument(help=MODEL_HELP + " (task heads for labeled data; any model for "
+                                                  "retrieval and scored pairs)")],
+    data: Annotated[str | None, typer.Option(help="labeled data (default: the task's test split), a BEIR "
+                                                  "folder (corpus.jsonl, queries.jsonl, qrels/) or scored "
+                                                  "pairs")] = None,
+    split: Annotated[str, typer.Option(help="split to read when --data is a directory (BEIR: "
+                                            "qrels/SPLIT.tsv)")] = "test",
     task: Annotated[str | None, typer.Option(help="task head (when there are several)")] = None,
+    score_column: Annotated[str | None, typer.Option(help="pairs: the numeric column to correlate with cosine "
+                                                          "similarity (default for a model without task heads: "
+                                                          "relatedness, score, similarity or label)")] = None,
+    max_length: Annotated[int | None, typer.Option(help="tokens per text (default: the model's)")] = None,
+    batch_size: Annotated[int, typer.Option()] = 64,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="report folder")] = None,
     device: Annotated[str, typer.Option()] = "cpu",
 ) -> None:
-    """Metrics, a Markdown report and plots (confusion matrix, curves, reliability) for one task."""
+    """Metrics and a Markdown report: a task head (confusion matrix, curves, reliability), retrieval on a BEIR
+    folder (nDCG@10, recall@100, MRR@10), or cosine-similarity correlation on scored pairs (Spearman, Pearson)."""
     import sora
-    from sora.evaluate.run import evaluate_checkpoint
+    from sora.evaluate.retrieval import summary_line
+    from sora.evaluate.run import evaluate_model
 
-    result = evaluate_checkpoint(sora.load(checkpoint, device=device), data, split, task, output)
-    m = result["metrics"]
-    headline = [k for k in ("accuracy", "macro_f1", "micro_f1", "mcc", "roc_auc", "ece", "pearson", "spearman")
-                if isinstance(m.get(k), int | float)]
-    typer.echo(f"{result['task']} on {result['data']} ({m.get('n')} examples): "
-               + ", ".join(f"{k} {m[k]:.4f}" for k in headline))
+    if max_length is not None and max_length < 2:
+        raise SoraError(f"--max-length {max_length}: must be at least 2 (the [CLS] and [SEP] tokens)")
+    if batch_size < 1:
+        raise SoraError(f"--batch-size {batch_size}: must be at least 1")
+    result = evaluate_model(sora.load(checkpoint, device=device), data, split, task, output, batch_size, max_length,
+                            score_column, progress=sys.stderr.isatty())
+    if result["mode"] == "task":
+        m = result["metrics"]
+        headline = [k for k in ("accuracy", "macro_f1", "micro_f1", "mcc", "roc_auc", "ece", "pearson", "spearman")
+                    if isinstance(m.get(k), int | float)]
+        typer.echo(f"{result['task']} on {result['data']} ({m.get('n')} examples): "
+                   + ", ".join(f"{k} {m[k]:.4f}" for k in headline))
+    else:
+        typer.echo(summary_line(result))
     typer.echo(f"report: {result['files'].get('report')}")
 
 

@@ -1,4 +1,5 @@
-"""Evaluation on arrays, not models: metrics for classification, multi-label and regression, and reports."""
+"""Evaluation: metrics on arrays for classification, multi-label and regression, and reports; retrieval and
+similarity correlation of any model's embeddings (``sora.evaluate.retrieval``)."""
 
 from sora.evaluate.metrics import (
     classification_metrics,
@@ -10,14 +11,19 @@ from sora.evaluate.metrics import (
     unseen_labels,
 )
 from sora.evaluate.report import label_curve_plot, write_report
+from sora.evaluate.retrieval import evaluate_retrieval, query_metrics, retrieval_metrics, similarity_correlation
 
 __all__ = [
     "classification_metrics",
+    "evaluate_retrieval",
     "expected_calibration_error",
     "label_curve_plot",
     "multilabel_metrics",
+    "query_metrics",
     "regression_metrics",
     "reliability_curve",
+    "retrieval_metrics",
+    "similarity_correlation",
     "tune_thresholds",
     "unseen_labels",
     "write_report",

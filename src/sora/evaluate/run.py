@@ -1,4 +1,6 @@
-"""``sora evaluate``: score a fine-tuned checkpoint on a labeled split and write the report."""
+"""``sora evaluate``: score a fine-tuned checkpoint on a labeled split and write the report; or, for any model
+(task heads or not), retrieval on a BEIR folder and similarity correlation on scored pairs
+(``evaluate.retrieval``)."""
 
 from __future__ import annotations
 
@@ -73,3 +75,41 @@ def evaluate_checkpoint(model: Sora, data: str | None = None, split: str = "test
                          spec.labels)
     return {"task": name, "data": str(source), "split": split, "metrics": metrics,
             "files": {k: str(v) for k, v in files.items()}}
+
+
+def evaluate_model(model: Sora, data: str | None = None, split: str = "test", task: str | None = None,
+                   out: str | Path | None = None, batch_size: int = 64, max_length: int | None = None,
+                   score_column: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """What ``sora evaluate`` runs, chosen by the data and the model:
+
+    - ``data`` is a BEIR folder (corpus.jsonl, queries.jsonl, qrels/): retrieval (``evaluate_retrieval``);
+    - ``score_column`` is given, or the model has no task heads: the correlation of the pairs' score with the
+      cosine similarity of their embeddings (``similarity_correlation``; the score column auto-detected);
+    - otherwise a task head on labeled data (``evaluate_checkpoint``).
+
+    Every result has ``mode`` ("retrieval", "similarity" or "task"), ``data``, ``split``, ``metrics``, ``files``."""
+    from sora.evaluate.retrieval import evaluate_retrieval, find_score_column, is_beir_dir, similarity_correlation
+
+    if is_beir_dir(data):
+        return evaluate_retrieval(model, data, split, batch_size=batch_size, max_length=max_length, out=out,
+                                  progress=progress)
+    headless = not model.model.head_specs
+    if score_column is None and headless:
+        kind = "a Hugging Face encoder" if model.config.get("kind") == "hf-encoder" else "a checkpoint"
+        needs = (f"{model.path}: {kind} with no task heads, so `sora evaluate` scores it on retrieval (--data a BEIR "
+                 "folder: corpus.jsonl, queries.jsonl, qrels/) or on pairs with a numeric score (--score-column)")
+        if data is None:
+            raise ConfigError(f"{needs}; pass --data (or fine-tune it first)")
+        score_column = find_score_column(data, split)
+        if score_column is None:
+            raise ConfigError(f"{needs}; {data} has no numeric relatedness/score/similarity/label column "
+                              "(name one with --score-column, or fine-tune the model first)")
+    if score_column is not None:
+        if data is None:
+            raise ConfigError("--score-column needs --data (pairs with text_a, text_b and the score)")
+        return similarity_correlation(model, data, split, score_column=score_column, batch_size=batch_size,
+                                      max_length=max_length, out=out, progress=progress)
+    if max_length:
+        model.max_length = int(max_length)
+    result = evaluate_checkpoint(model, data, split, task, out, batch_size)
+    return {"mode": "task", **result}

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from sora.config import ModelConfig
 from sora.errors import CheckpointError
 from sora.models.autoencoder import SoraModel
+from sora.text.tokenizer import SoraTokenizer
 
 SUPPORTED = {"bert"}  # BERT-family weights (MiniLM, BERT, …); RoBERTa offsets positions differently
 
@@ -163,10 +164,8 @@ INFERENCE_CONFIG = ModelConfig(code_dim=None, decoder_layers=0)
 def load_hf_encoder(name: str, device: str | torch.device = "cpu") -> tuple[SoraModel, Any, dict[str, Any]]:
     """(model, tokenizer, config) for the HF encoder ``name`` (a directory or the MiniLM alias), like
     ``models.checkpoint.load_checkpoint``: an encoder without task heads, in eval mode."""
-    from sora.models.checkpoint import load_tokenizer
-
     p = resolve_backbone(name)
-    tokenizer = load_tokenizer(p)
+    tokenizer = SoraTokenizer.load(p)
     model = build_hf_model(name, INFERENCE_CONFIG, tokenizer).to(device).eval()
     config = {"kind": "hf-encoder", "model": model.cfg.model_dump(), "heads": {}, "source": str(p)}
     return model, tokenizer, config

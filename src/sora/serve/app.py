@@ -221,8 +221,6 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
 def app_from_env() -> FastAPI:
     """The factory uvicorn's worker processes call (``--workers N``): settings come from SORA_SERVE_SETTINGS."""
-    from sora.serve.server import configure_logging
-
     settings = ServeSettings.from_env()
-    configure_logging(settings)
+    settings.configure_logging()
     return create_app(settings)

@@ -13,11 +13,6 @@ from sora.serve.metrics import MULTIPROC_ENV
 from sora.serve.settings import SETTINGS_ENV, ServeSettings
 
 
-def configure_logging(settings: ServeSettings) -> None:
-    """Sora's own log lines (model loaded, auth on/off, load failures) beside uvicorn's, in every process."""
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def run(settings: ServeSettings) -> None:
     """Serve until SIGINT/SIGTERM; then stop accepting, let in-flight requests finish, drain the batcher."""
     import uvicorn
@@ -25,7 +20,7 @@ def run(settings: ServeSettings) -> None:
     from sora.models.checkpoint import resolve_checkpoint
 
     resolve_checkpoint(settings.checkpoint)  # a wrong path fails here, as one line, before anything starts
-    configure_logging(settings)
+    settings.configure_logging()
     common = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
                   access_log=settings.access_log, timeout_graceful_shutdown=int(settings.graceful_timeout_s),
                   proxy_headers=False, server_header=False)

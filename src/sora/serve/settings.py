@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Literal
 
@@ -40,6 +41,10 @@ class ServeSettings(BaseModel):
     graceful_timeout_s: float = Field(30.0, gt=0)  # SIGTERM: how long in-flight requests may take to finish
     access_log: bool = False
     log_level: str = "info"
+
+    def configure_logging(self) -> None:
+        """Sora's own log lines (model loaded, auth on/off, load failures) beside uvicorn's, in every process."""
+        logging.basicConfig(level=self.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def api_key(self) -> str | None:
         """The key itself, read from the environment now (never stored in the settings or logged)."""

@@ -87,7 +87,10 @@ class SoraTokenizer:
         file = p / "tokenizer.json" if p.is_dir() else p
         if not file.is_file():
             raise DataError(f"no tokenizer.json at {p}")
-        return cls(Tokenizer.from_file(str(file)))
+        try:
+            return cls(Tokenizer.from_file(str(file)))
+        except Exception as exc:  # tokenizers raises a bare Exception for a truncated or foreign file
+            raise DataError(f"{file}: not a readable tokenizer ({' '.join(str(exc).split())[:160]})") from None
 
 
 def train_tokenizer(
