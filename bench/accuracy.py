@@ -1,6 +1,18 @@
 """Accuracy after fine-tuning: Sora against its peers, on the same labeled examples, validation and test sets.
 
-Systems (all from the same local all-MiniLM-L6-v2 unless said otherwise, same max_length):
+Two protocols (``--protocol``):
+  defaults      (the default; bench/results/accuracy.json) every system runs as its users run it: its own
+                documented default recipe, to completion (DEFAULT_RECIPES). Sora is the CLI with data, regime and
+                seed flags only (SORA_COMMAND, recorded as meta.sora_command). The goal is judged here.
+  equal-budget  (bench/results/accuracy.equal_budget.json, embedded in accuracy.json as "equal_budget") the same
+                steps, evaluation points and patience for every trained system; described below.
+
+    python bench/accuracy.py --quick                                   # defaults protocol, trec, 1 seed
+    python bench/accuracy.py --datasets trec,sst2,financial_phrasebank,ag_news --regimes 8 --max-test 1000 \
+        --max-val 500 --threads 1 --out bench/results/accuracy.defaults-a.json    # (and -b: the other four)
+    python bench/accuracy.py --merge bench/results/accuracy.defaults-a.json,bench/results/accuracy.defaults-b.json
+
+Equal-budget systems (all from the same local all-MiniLM-L6-v2 unless said otherwise, same max_length):
   sora          sora.train.finetune.run_finetune from all-MiniLM-L6-v2 with ONE recipe per regime (RECIPES),
                 chosen by validation accuracy in a small sweep (``--sweep``; result in accuracy.sweep.json)
   setfit        SetFit (contrastive pairs on the sentence body, then a logistic-regression head), its
@@ -1122,9 +1134,11 @@ def main(argv: list[str] | None = None) -> None:
 def merge(path: Path, parts: list[str]) -> None:
     """Parallel runs write their own files (--out); this copies their finished cells into ``path``, keeps every
     other cell, and records each part's command under meta.earlier_invocations."""
-    missing = [str(p) for p in (path, *parts) if not Path(p).is_file()]
+    missing = [str(p) for p in parts if not Path(p).is_file()]
     if missing:
         raise SystemExit(f"error: --merge: no such result file: {', '.join(missing)}")
+    if not path.is_file():  # the first part is the base: its meta describes the protocol and the run
+        path.write_text(Path(parts[0]).read_text())
     results = json.loads(path.read_text())
     meta = results["meta"]
     for part in parts:

@@ -729,3 +729,20 @@ def test_resume_with_the_auxiliary_loss_sees_the_same_unlabeled_batches(pretrain
     rows = [r for r in log_rows(full) if "aux_loss" in r or "denoise" in r]
     assert rows, log_rows(full)[:2]  # the auxiliary loss is logged
     assert log_rows(broken) == log_rows(full)
+
+
+def test_the_default_length_comes_from_the_labels_per_class():
+    """Unset epochs/max_steps: few labels get many short epochs (within 12-30 steps), more labels fewer; the last
+    step is always a validation. Set explicitly, the recipe's length wins."""
+    from sora.config import FinetuneConfig
+    from sora.train.finetune import plan_steps
+
+    auto = FinetuneConfig()
+    assert plan_steps(auto, per_epoch=3, per_class=8) == (30, 10, "few-label")  # trec, 6 classes x 8
+    assert plan_steps(auto, per_epoch=1, per_class=8) == (12, 4, "few-label")  # sst2, 2 x 8: the minimum
+    assert plan_steps(auto, per_epoch=39, per_class=8) == (30, 10, "few-label")  # banking77, 77 x 8: the cap
+    assert plan_steps(auto, per_epoch=24, per_class=64) == (72, 24, "some-label")
+    assert plan_steps(auto, per_epoch=625, per_class=5000) == (300, 100, "full-data")
+    steps, every, name = plan_steps(FinetuneConfig(epochs=2), per_epoch=23, per_class=90)
+    assert (steps, name) == (46, None) and every == 23
+    assert plan_steps(FinetuneConfig(max_steps=7), per_epoch=23, per_class=90)[:2] == (7, 23)
