@@ -954,6 +954,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.datasets, args.regimes, args.seeds = "trec", "8", 1
         args.max_test, args.max_val, args.budget = 100, 100, "quick"
+        if args.setfit_max_steps is None:  # a smoke run: SetFit's 120 default steps on trec would take minutes
+            args.setfit_max_steps = 50
     args.datasets = [d for d in args.datasets.split(",") if d]
     args.regimes = [r for r in args.regimes.split(",") if r]
     args.systems = [s for s in (args.systems or ",".join(protocol_systems(args.protocol))).split(",") if s]
@@ -1146,7 +1148,7 @@ def merge(path: Path, parts: list[str]) -> None:
         copied = []
         for name, regime, system in ALL_CELLS:
             cell = other.get(name, {}).get(regime, {}).get(system, {})
-            if cell.get("runs"):
+            if cell.get("runs") or cell.get("status") == "skipped":
                 results[name][regime][system] = cell
                 copied.append(f"{name}/{regime}/{system}")
         meta.setdefault("earlier_invocations", []).append(
