@@ -1,6 +1,8 @@
 """Representation quality: logistic regression on frozen embeddings (sst2, trec, ag_news).
 
-Systems, on the same labeled examples and the same test set:
+Systems, on the same labeled examples and the same test set (two read-outs: a logistic-regression probe, and
+the cosine kNN label precision@10 of each test text against the probe-train texts, which no classifier can
+correct: a geometry that adaptation broke shows there, not in the probe):
   (a) random   a randomly initialised Sora encoder (same tokenizer and size as (b))
   (b) scratch  Sora pretrained from scratch on the dataset's unlabeled train text, for a fixed CPU budget
   (c) minilm   all-MiniLM-L6-v2 as it is (mean pooling)
@@ -76,6 +78,24 @@ def probe(xtr, ytr, xva, yva, xte, yte) -> dict:
     return {"accuracy": round(float(clf.score(xte, yte)), 4), "val_accuracy": round(float(val_acc), 4), "C": c}
 
 
+def knn_precision(xtr, ytr, xte, yte, k: int = 10) -> float:
+    """Cosine kNN label precision@k: the share of each test text's ``k`` nearest probe-train texts (cosine of
+    the embeddings) that carry its label, averaged. No classifier is fitted, so a geometry that a logistic
+    regression would undo (issue 11: adaptation that hurt retrieval but not the probe) shows here."""
+    a = np.asarray(xtr, dtype=np.float32)
+    b = np.asarray(xte, dtype=np.float32)
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    ytr, yte = np.asarray(ytr), np.asarray(yte)
+    k = min(k, len(a))
+    hits = []
+    for start in range(0, len(b), 512):
+        sim = b[start : start + 512] @ a.T
+        top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        hits.append((ytr[top] == yte[start : start + 512, None]).mean(1))
+    return round(float(np.concatenate(hits).mean()), 4)
+
+
 def tfidf_probe(tr, va, te) -> dict:
     vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
     xtr = vec.fit_transform(tr[0])
@@ -86,8 +106,13 @@ def tfidf_probe(tr, va, te) -> dict:
         if best is None or acc > best[0]:
             best = (acc, c, clf)
     val_acc, c, clf = best
-    return {"accuracy": round(float(clf.score(vec.transform(te[0]), te[1])), 4), "val_accuracy": round(val_acc, 4),
-            "C": c}
+    xte = vec.transform(te[0])
+    sim = (xte @ xtr.T).toarray()  # rows are L2-normalised already: cosine
+    k = min(10, sim.shape[1])
+    top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+    knn = float((np.asarray(tr[1])[top] == np.asarray(te[1])[:, None]).mean())
+    return {"accuracy": round(float(clf.score(xte, te[1])), 4), "val_accuracy": round(val_acc, 4), "C": c,
+            "knn_p10": round(knn, 4)}
 
 
 def pretrain(recipe_file: str, out: Path, train_file: Path, minutes: float, overrides: dict) -> dict:
@@ -188,16 +213,20 @@ def initial(recipe_file: str, out: Path, overrides: dict) -> Path:
 def score(model_dir: Path, tr, va, te) -> dict:
     m = sora.load(model_dir)
     xtr, xva, xte = (m.embed(x[0], batch_size=128) for x in (tr, va, te))
-    return probe(xtr, tr[1], xva, va[1], xte, te[1])
+    return {**probe(xtr, tr[1], xva, va[1], xte, te[1]), "knn_p10": knn_precision(xtr, tr[1], xte, te[1])}
 
 
 def markdown(results: dict) -> str:
     systems = [("random", "(a) Sora, random init"), ("scratch", "(b) Sora from scratch"),
                ("minilm", "(c) all-MiniLM-L6-v2"), ("adapted", "(d) MiniLM + Sora adaptation"), ("tfidf", "(e) TF-IDF")]
     names = list(results["datasets"])
-    lines = ["| system | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    # kNN: cosine kNN label precision@10 against the probe-train texts (no classifier; TF-IDF has none here).
+    head = " | ".join(names) + " | " + " | ".join(f"{n} kNN@10" for n in names)
+    lines = ["| system | " + head + " |", "|---|" + "---:|" * (2 * len(names))]
     for key, label in systems:
-        cells = [f"{results['datasets'][n][key]['accuracy'] * 100:.1f}" for n in names]
+        rows = [results["datasets"][n].get(key, {}) for n in names]
+        cells = [f"{r['accuracy'] * 100:.1f}" if "accuracy" in r else "n/a" for r in rows]
+        cells += [f"{r['knn_p10'] * 100:.1f}" if "knn_p10" in r else "n/a" for r in rows]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

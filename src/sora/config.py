@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sora.errors import ConfigError
 
@@ -65,11 +65,25 @@ class ModelConfig(_Strict):
 
 
 class ObjectiveConfig(_Strict):
-    name: Literal["reconstruct", "mlm", "contrastive"] = "reconstruct"
+    """One term of L = Σ α_t L_t (``sora.objectives.OBJECTIVES``). ``distill`` reads the clean text unless
+    ``noise`` is set (its ``noise``/``ratio`` default to none/0; the others' to delete/0.6)."""
+
+    name: Literal["reconstruct", "mlm", "contrastive", "distill"] = "reconstruct"
     weight: float = Field(1.0, gt=0)
     noise: Literal["none", "delete", "mask", "span", "shuffle"] = "delete"
     ratio: float = Field(0.6, ge=0.0, lt=1.0)
     temperature: float = Field(0.05, gt=0)  # contrastive only
+    # distill only: what of the frozen starting encoder's codes to keep (sora.objectives.distill)
+    match: Literal["cosine", "relational", "both"] = "cosine"
+
+    @model_validator(mode="after")
+    def _per_objective_defaults(self) -> ObjectiveConfig:
+        if self.name == "distill":
+            if "noise" not in self.model_fields_set:
+                self.noise = "none"
+            if "ratio" not in self.model_fields_set:
+                self.ratio = 0.0
+        return self
 
 
 class TrainConfig(_Strict):
@@ -91,13 +105,51 @@ class TrainConfig(_Strict):
     progress: bool = True
 
 
+class GuardConfig(_Strict):
+    """The drift guard of ``sora pretrain`` (``train.pretrain.DriftGuard``): at every validation, how far the
+    codes of held-out texts have moved from the starting encoder's, logged, used for selection, warned about."""
+
+    # None: on from a pretrained encoder (model.backbone), off from scratch, where only its collapse measures
+    # apply (set true to log and warn about them).
+    enabled: bool | None = None
+    texts: int = Field(1000, ge=20)  # the validation texts, else the first texts of train, up to this many
+    k: int = Field(10, ge=1)  # neighbours compared
+    # A pretrained start: a checkpoint whose held-out texts keep fewer than this share of their k nearest
+    # neighbours (as the starting encoder ranks them) is not selected, and the run warns once.
+    min_agreement: float = Field(0.5, ge=0.0, le=1.0)
+    # Any start: codes whose effective rank falls below this share of the starting codes' have collapsed.
+    min_rank_share: float = Field(0.25, ge=0.0, le=1.0)
+    # Any start: uniformity (Wang & Isola, towards 0 as the codes crowd into one direction) below this share of
+    # the starting codes' is a collapse too.
+    min_uniformity_share: float = Field(0.25, ge=0.0, le=1.0)
+    select: bool = True  # pretrained start: model/ = the best validation loss among passing evaluations
+
+
+# What ``sora pretrain`` trains when it starts from a pretrained encoder (model.backbone set) and the recipe lists
+# no objectives: denoising for the domain plus distillation towards the starting encoder, which keeps what it
+# knew (bench/adapt.py measured it; recipes/adapt-minilm.yaml spells it out).
+ADAPT_OBJECTIVES = (
+    {"name": "reconstruct", "noise": "delete", "ratio": 0.6},
+    {"name": "distill", "match": "cosine", "weight": 1.0},
+)
+
+
 class Recipe(_Strict):
     output: str = "runs/pretrain"
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelConfig = ModelConfig()
+    # Default: reconstruction alone from scratch; ADAPT_OBJECTIVES from a pretrained encoder (model.backbone).
     objectives: list[ObjectiveConfig] = [ObjectiveConfig()]
     train: TrainConfig = TrainConfig()
+    guard: GuardConfig = GuardConfig()
+
+    @model_validator(mode="after")
+    def _adaptation_defaults(self) -> Recipe:
+        """The one place where a pretrained start changes the objectives: only when none are listed."""
+        if "objectives" not in self.model_fields_set and self.model.backbone:
+            self.objectives = [ObjectiveConfig(**o) for o in ADAPT_OBJECTIVES]
+        return self
 
 
 def _parse_value(text: str) -> Any:

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sora.config import ObjectiveConfig
 from sora.models.autoencoder import SoraModel
 from sora.text.noise import NOISE
 
@@ -80,14 +79,3 @@ class Contrastive(nn.Module):
         logits = (u @ v.T).float() / self.temperature
         target = torch.arange(len(u), device=u.device)
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-
-
-def build_objective(cfg: ObjectiveConfig, prefix: str = "") -> nn.Module:
-    """``prefix``: the batch keys the objective reads (``aux_`` for fine-tuning's auxiliary loss; see ``_text``)."""
-    if cfg.name == "reconstruct":
-        return Reconstruction(cfg.noise, cfg.ratio, prefix)
-    if cfg.name == "contrastive":
-        return Contrastive(cfg.noise, cfg.ratio, cfg.temperature, prefix)
-    if cfg.name == "mlm":
-        return MaskedLM(cfg.ratio, prefix)
-    raise ValueError(f"unknown objective {cfg.name!r}")
