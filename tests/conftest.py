@@ -64,3 +64,32 @@ def slice_jsonl(src: Path, dst: Path, n: int, keys: tuple[str, ...] = ("text",))
             if len(rows) == n:
                 break
     return write_jsonl(dst, rows)
+
+
+# A crash, injected from the test side: ``sora`` with ``module.fit``'s ``on_step`` wrapped to SIGKILL the process
+# once optimizer step N is done (logged, before that step's checkpoint), as a power loss would.
+CRASH = """
+import importlib, os, signal, sys
+module = importlib.import_module(sys.argv.pop(1))
+from sora.cli import main
+at, fit = int(sys.argv.pop(1)), module.fit
+def crashing_fit(*args, on_step=None, **kwargs):
+    def hook(state, model):
+        if on_step is not None:
+            on_step(state, model)
+        if state.step == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return fit(*args, on_step=hook, **kwargs)
+module.fit = crashing_fit
+sys.argv[0] = "sora"
+main()
+"""
+
+
+def crash_command(tmp: Path, step: int, module: str) -> list[str]:
+    """The command that runs ``sora ARGS`` but is killed -9 after optimizer step ``step`` of ``module``'s fit."""
+    import sys
+
+    script = tmp / "crashing_sora.py"
+    script.write_text(CRASH)
+    return [sys.executable, str(script), module, str(step)]

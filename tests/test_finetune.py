@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE, slice_jsonl, write_jsonl
+from conftest import SAMPLE, crash_command, slice_jsonl, write_jsonl
 from safetensors.torch import load_file
 
 import sora
@@ -103,31 +103,8 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
-# A crash, injected from the test side: ``sora`` with fit's ``on_step`` wrapped to SIGKILL the process once
-# optimizer step N is done (logged, before that step's checkpoint). The same helper is in test_train.py.
-CRASH = """
-import os, signal, sys
-import sora.train.finetune as module
-from sora.cli import main
-at, fit = int(sys.argv.pop(1)), module.fit
-def crashing_fit(*args, on_step=None, **kwargs):
-    def hook(state, model):
-        if on_step is not None:
-            on_step(state, model)
-        if state.step == at:
-            os.kill(os.getpid(), signal.SIGKILL)
-    return fit(*args, on_step=hook, **kwargs)
-module.fit = crashing_fit
-sys.argv[0] = "sora"
-main()
-"""
-
-
 def crashing_sora(tmp: Path, step: int) -> list[str]:
-    """The command that runs ``sora ARGS`` but is killed -9 after optimizer step ``step``."""
-    script = tmp / "crashing_sora.py"
-    script.write_text(CRASH)
-    return [sys.executable, str(script), str(step)]
+    return crash_command(tmp, step, "sora.train.finetune")
 
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, slice_jsonl
+from conftest import TINY, crash_command, slice_jsonl
 from safetensors.torch import load_file
 
 import sora
@@ -40,31 +40,8 @@ def val_losses(run_dir: Path) -> list[float]:
     return [r["val_loss"] for r in rows if "val_loss" in r]
 
 
-# A crash, injected from the test side: ``sora`` with fit's ``on_step`` wrapped to SIGKILL the process once
-# optimizer step N is done (logged, before that step's checkpoint). The same helper is in test_finetune.py.
-CRASH = """
-import os, signal, sys
-import sora.train.pretrain as module
-from sora.cli import main
-at, fit = int(sys.argv.pop(1)), module.fit
-def crashing_fit(*args, on_step=None, **kwargs):
-    def hook(state, model):
-        if on_step is not None:
-            on_step(state, model)
-        if state.step == at:
-            os.kill(os.getpid(), signal.SIGKILL)
-    return fit(*args, on_step=hook, **kwargs)
-module.fit = crashing_fit
-sys.argv[0] = "sora"
-main()
-"""
-
-
 def crashing_sora(tmp: Path, step: int) -> list[str]:
-    """The command that runs ``sora ARGS`` but is killed -9 after optimizer step ``step``."""
-    script = tmp / "crashing_sora.py"
-    script.write_text(CRASH)
-    return [sys.executable, str(script), str(step)]
+    return crash_command(tmp, step, "sora.train.pretrain")
 
 
 def tiny_pretrain(sample_dir: Path, out: Path, resume: bool = False, **overrides) -> dict:
