@@ -45,6 +45,7 @@ from common import (  # noqa: E402
     minilm_path,
     offline,
     resolve_device,
+    result_path,
     write_json,
     write_result,
 )
@@ -53,7 +54,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 NAME = "adapt"
 SYSTEMS = ("minilm", "sora", "sora_before", "st_tsdae")
-METRICS = ("scifact", "sick", "probe")
+METRICS = ("scifact", "sick", "probe", "speed")
 RECIPE = REPO / "recipes" / "adapt-minilm.yaml"
 SEED = 13
 
@@ -200,7 +201,8 @@ def adapt_sora(system: str, train_file: Path, out: Path, a: argparse.Namespace) 
     result = {"model": str(out / "model"), "steps": summary["steps"], "tokens": summary["tokens"],
               "train_s": round(train_s, 1), "wall_s": round(wall, 1),
               "tokens_per_s": round(summary["tokens"] / max(train_s, 1e-9), 1),
-              "objectives": [o.model_dump(exclude_defaults=True) for o in recipe.objectives],
+              "objectives": [o.model_dump(include={"name", "weight", "noise", "ratio", "match"})
+                             for o in recipe.objectives],
               "selected_step": summary.get("selected_step"),
               "drift": {k: round(v, 4) for k, v in (summary["history"][-1] if summary["history"] else {}).items()
                         if k.startswith("val_")}}
@@ -283,6 +285,74 @@ def adapt(system: str, domain: str, sentences_: list[str], a: argparse.Namespace
     return adapt_sora(system, train_file, out, a)
 
 
+# ------------------------------------------------------------------------------------------------ speed
+
+
+class _SoraSteps:
+    """One Sora system's training step as ``fit`` runs it (TrainUnit over the recipe's objectives, AdamW,
+    clipping), on prepared batches: for timing only."""
+
+    def __init__(self, system: str, texts: list[list[str]], a: argparse.Namespace):
+        from sora.config import load_recipe
+        from sora.data.batching import collate
+        from sora.objectives import build_objective
+        from sora.text.tokenizer import SoraTokenizer
+        from sora.train.loop import TrainUnit, _optimizer
+        from sora.train.pretrain import build_model
+
+        overrides = {"train.lr": a.lr}
+        if system == "sora_before":
+            overrides["objectives"] = [{"name": "reconstruct", "noise": "delete", "ratio": 0.6}]
+        recipe = load_recipe(RECIPE, overrides)
+        tokenizer = SoraTokenizer.load(minilm_path())
+        torch.manual_seed(SEED)
+        model = build_model(recipe.model, tokenizer)
+        objectives = {f"{o.name}_{i}": (o.weight, build_objective(o, model=model))
+                      for i, o in enumerate(recipe.objectives)}
+        self.unit = TrainUnit(model, objectives).to(a.device).train()
+        self.opt = _optimizer(self.unit.parameters(), recipe.train, None, list(self.unit.named_parameters()))
+        self.batches = [{k: v.to(a.device) for k, v in collate(tokenizer.encode(b, a.max_length),
+                                                                 tokenizer.pad_id).items()} for b in texts]
+        self.tokens = [int(b["attention_mask"].sum()) for b in self.batches]
+
+    def step(self, i: int) -> None:
+        self.unit(self.batches[i])["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(self.unit.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def measure_speed(systems: list[str], sentences_: list[str], a: argparse.Namespace) -> dict[str, Any]:
+    """Training tokens/s of each system on the same batches (clean-sentence WordPiece tokens), interleaved
+    (A B C, A B C, ...) so that background load hits every system alike; the median over rounds."""
+    import pretrain_speed
+
+    n_batches, rounds = (1, 2) if a.quick else (3, 5)
+    texts = [sentences_[i * a.batch_size:(i + 1) * a.batch_size] for i in range(n_batches)]
+    runners: dict[str, Any] = {}
+    for system in systems:
+        if system == "st_tsdae":
+            runners[system] = pretrain_speed.PeerSystem(texts, a.max_length, torch.device(a.device), SEED)
+        elif system != "minilm":
+            runners[system] = _SoraSteps(system, texts, a)
+    for r in runners.values():  # warm-up: allocator, kernels, optimizer state
+        for i in range(n_batches):
+            r.step(i)
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, r in runners.items():
+            if a.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for i in range(n_batches):
+                r.step(i)
+            if a.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            samples[name].append(sum(r.tokens) / (time.perf_counter() - t0))
+    return {name: {"median": round(float(np.median(v)), 1), "samples": [round(x, 1) for x in v]}
+            for name, v in samples.items()}
+
+
 # ------------------------------------------------------------------------------------------- measuring
 
 
@@ -356,7 +426,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-length", type=int, default=64, help="tokens per training sentence (every system)")
     ap.add_argument("--eval-max-length", type=int, default=256, help="tokens per SciFact document when scoring")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
-    ap.add_argument("--metrics", default="scifact,sick", help=f"any of {','.join(METRICS)}")
+    ap.add_argument("--metrics", default="scifact,sick,speed", help=f"any of {','.join(METRICS)}")
     ap.add_argument("--sentences", type=int, default=10000, help="SciFact corpus sentences to adapt on (seeded)")
     ap.add_argument("--max-corpus", type=int, default=None, help="SciFact documents scored (default: all 5,183)")
     ap.add_argument("--probe-datasets", default="sst2,trec,ag_news")
@@ -365,6 +435,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--out", default=None, help="run directory (default runs/adapt, runs/adapt-quick)")
     ap.add_argument("--json", default=None, help="result file (default bench/results/adapt[.quick].json)")
+    ap.add_argument("--merge", action="store_true", help="add to the result file instead of replacing it")
     a = ap.parse_args(argv)
     if a.quick:
         a.steps, a.batch_size, a.sentences, a.max_corpus, a.eval_max_length = 3, 8, 200, 60, 128
@@ -417,8 +488,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for system in systems:
             info = adapt(system, "scifact", train, a)
             result["adaptations"].setdefault("scifact", {})[system] = info
-            if "tokens_per_s" in info:
-                result["tokens_per_s"][system] = info["tokens_per_s"]
             result["scifact_ndcg10"][system] = round(100 * score_scifact(system, info["model"], beir_dir, a), 2)
             log(f"scifact {system}: nDCG@10 {result['scifact_ndcg10'][system]}")
         result["scifact_sentences"] = len(train)
@@ -440,6 +509,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["adaptations"].setdefault("sick", {})[system] = info
             result["sick_spearman"][system] = round(100 * score_sick(system, info["model"], pairs_file, a), 2)
             log(f"sick {system}: Spearman {result['sick_spearman'][system]}")
+
+    if "speed" in metrics:
+        sf_root = SHARED_DATA / "scifact"
+        if not (sf_root / "corpus.jsonl").is_file():
+            raise SystemExit(f"{sf_root} missing (needs ../shared/data)")
+        speed = measure_speed(systems, SciFact(sf_root, 10, 1).train_sentences(10 * a.batch_size), a)
+        result["tokens_per_s"] = {name: v["median"] for name, v in speed.items()}
+        result["speed_samples"] = speed
+        log(f"tokens/s: {result['tokens_per_s']}")
 
     if "probe" in metrics:
         import probe as P
@@ -465,8 +543,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sentences": a.sentences, "max_corpus": a.max_corpus, "quick": a.quick, "seed": SEED,
         "recipe": str(RECIPE.relative_to(REPO)), "device": machine_info(device),
         "load_average": {"before": load_before, "after": load_average()}, "wall_s": round(time.time() - t_start, 1),
-        "notes": ("tokens_per_s: clean-sentence WordPiece tokens per second of the SciFact adaptation's training "
-                  "loop (Sora: fit's elapsed time less the drift guard's evaluations; TSDAE: its loop). "
+        "notes": ("tokens_per_s: clean-sentence WordPiece tokens per second of a training step (forward, "
+                  "backward, optimizer), every system on the same SciFact batches, interleaved, median of rounds "
+                  "(speed_samples); adaptations.*.tokens_per_s are the adaptation runs' own (fit's time less the "
+                  "drift guard's; not comparable across systems when the machine's load changed between them). "
                   "SciFact: test nDCG@10 over the corpus (BEIR protocol via sora.evaluate.retrieval, documents "
                   "title + text at eval_max_length tokens). SICK: test Spearman of cosine vs relatedness. Probe: "
                   "bench/probe.py's logistic regression (accuracy) and cosine kNN label precision@10 (knn_p10). "
@@ -475,12 +555,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   "started from all-MiniLM-L6-v2 with its mean pooling, at this run's batch size, lr and steps."),
         "versions": {"torch": torch.__version__, "sentence_transformers": _version("sentence_transformers")},
     }
+    target = Path(a.json) if a.json else result_path(NAME, a.quick)
+    if a.merge and target.is_file():  # parts run separately (metrics, systems) add up in one file
+        result = merge(json.loads(target.read_text()), result)
+    else:
+        result["meta"]["commands"] = [result["meta"]["command"]]
     if a.json:  # elsewhere than bench/results (the tests use it)
-        write_json(Path(a.json), result)
+        write_json(target, result)
         print(json.dumps(result), flush=True)
     else:
         write_result(NAME, a.quick, result)
     return result
+
+
+def merge(previous: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new``'s figures over ``previous``'s, per metric and system (and dataset for the probe); meta keeps
+    every command that contributed."""
+    out = dict(previous)
+    for key in ("scifact_ndcg10", "sick_spearman", "tokens_per_s"):
+        out[key] = {**previous.get(key, {}), **new.get(key, {})}
+    out["probe"] = {d: {**previous.get("probe", {}).get(d, {}), **new.get("probe", {}).get(d, {})}
+                    for d in {*previous.get("probe", {}), *new.get("probe", {})}}
+    out["adaptations"] = {d: {**previous.get("adaptations", {}).get(d, {}), **new.get("adaptations", {}).get(d, {})}
+                          for d in {*previous.get("adaptations", {}), *new.get("adaptations", {})}}
+    for key in ("scifact_sentences", "scifact_corpus", "speed_samples"):
+        if key in new or key in previous:
+            out[key] = new.get(key, previous.get(key))
+    meta = {**previous.get("meta", {}), **new["meta"]}
+    meta["commands"] = [*previous.get("meta", {}).get("commands", [previous.get("meta", {}).get("command")]),
+                        new["meta"]["command"]]
+    meta["systems"] = sorted({*previous.get("meta", {}).get("systems", []), *new["meta"]["systems"]})
+    meta["metrics"] = sorted({*previous.get("meta", {}).get("metrics", []), *new["meta"]["metrics"]})
+    out["meta"] = meta
+    return out
 
 
 if __name__ == "__main__":

@@ -268,7 +268,7 @@ def test_bench_adapt_quick_runs(tmp_path, shared_data):
         pytest.skip("needs ../shared/data/scifact (not in a fresh clone)")
     systems = "minilm,sora,sora_before" + (",st_tsdae" if importlib.util.find_spec("sentence_transformers") else "")
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "adapt.py"), "--quick", "--systems", systems,
-                           "--metrics", "scifact,sick,probe", "--out", str(tmp_path / "adapt"), "--threads", "1",
+                           "--metrics", "scifact,sick,probe,speed", "--out", str(tmp_path / "adapt"), "--threads", "1",
                            "--json", str(tmp_path / "adapt.json")],
                           capture_output=True, text=True, timeout=1800, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
