@@ -83,7 +83,8 @@ from common import (
 sys.path.insert(0, str(REPO / "src"))
 
 from sora.config import FinetuneRecipe, TaskConfig, load_recipe  # noqa: E402
-from sora.data.tasks import Example, read_examples, sample_per_class  # noqa: E402
+from sora.data.tasks import Example, sample_per_class  # noqa: E402
+from sora.tasks import kind_of  # noqa: E402
 
 NAME = "accuracy"
 SYSTEMS = ("sora", "setfit", "hf_trainer", "frozen_lr", "tfidf_lr", "sora_scratch")
@@ -235,7 +236,7 @@ _CACHE: dict[tuple[str, str], list[Example]] = {}
 def examples(ds: Dataset, split: str) -> list[Example]:
     key = (ds.name, split)
     if key not in _CACHE:
-        _CACHE[key] = read_examples(SHARED_DATA / ds.name, _task(ds), split, pair=ds.pair)[0]
+        _CACHE[key] = kind_of(_task(ds)).read(SHARED_DATA / ds.name, _task(ds), split, pair=ds.pair)
     return _CACHE[key]
 
 

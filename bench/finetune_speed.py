@@ -74,7 +74,8 @@ class SoraStepper:
 
     def __init__(self, rows: list[tuple[str, str]], max_length: int, batch_size: int, device: torch.device):
         from sora.config import FinetuneRecipe, TrainConfig
-        from sora.data.tasks import Example, encode_examples, label_tensor
+        from sora.data.tasks import Example, encode_examples
+        from sora.tasks import kind_of
         from sora.models.heads import HeadSpec, add_head
         from sora.objectives import TaskLoss
         from sora.train.finetune import init_model, layer_lr_scale
@@ -94,7 +95,7 @@ class SoraStepper:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(self.cfg))
         examples = [Example(t, lb) for t, lb in rows]
         self.encoded = encode_examples(examples, False, "cross", self.tokenizer, max_length)
-        self.targets = label_tensor(examples, "classification", LABELS)
+        self.targets = kind_of("classification").targets(examples, LABELS)
         self.batch_size, self.device, self.step_no = batch_size, device, 0
 
     def batches(self, order: list[list[int]] | None, epoch: int):

@@ -72,7 +72,7 @@ DATA_SEED = 13  # which questions are sampled: the same for every system and eve
 SORA_FINETUNE = ("sora finetune --init {init} --data {data} --task-type qa --seed {seed} -o {out} --epochs {epochs} "
                  "--max-length {max_length} --no-progress")
 SORA_DEFAULT_STRIDE = 128
-SORA_STRIDE = " --set tasks.0.doc_stride={stride}"  # the recipe key Sora's qa kind must accept for a stride != 128
+X
 SORA_EVALUATE = "sora evaluate {model} --data {data} --split test -o {report}"
 SORA_PRETRAIN = ("sora pretrain recipes/pretrain-scratch.yaml --train {train} --validation {validation} --column text "
                  "--max-steps {steps} --seed {seed} -o {out} --no-progress")

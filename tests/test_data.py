@@ -411,27 +411,33 @@ def test_column_errors_say_which_delimiter_and_columns(tmp_path: Path):
 
 def test_labeled_text_with_a_delimited_header(tmp_path: Path):
     from sora.data.tasks import read_examples
+    from sora.tasks import kind_of
+
+    rules = kind_of("classification")
 
     for name in ("d.txt", "d.csv"):
         path = tmp_path / name
         path.write_text(LABELED, encoding="utf-8")
-        examples, _ = read_examples(path, TaskConfig(label_column="label_name"))
+        examples, _ = read_examples(path, TaskConfig(label_column="label_name"), rules=rules)
         assert [(e.text, e.label, e.line) for e in examples] == [("great movie, really", "positive", 2),
                                                                   ("awful film", "negative", 3)]
         # The default label column: the error names the header's columns and the delimiter, not a missing label.
-        msg = _error(read_examples, path, TaskConfig())
+        msg = _error(rules.read, path, TaskConfig(), "train")
         assert msg.startswith(f"{path}:2: no column 'label'") and "label_name" in msg and "';'" in msg, msg
     piped = tmp_path / "p.txt"
     piped.write_text("text|label\na|x\n", encoding="utf-8")
-    assert read_examples(piped, TaskConfig(), delimiter="|")[0][0].label == "x"
+    assert read_examples(piped, TaskConfig(), delimiter="|", rules=rules)[0][0].label == "x"
 
 
 def test_labels_in_plain_text_name_the_cause(tmp_path: Path):
     from sora.data.tasks import read_examples
+    from sora.tasks import kind_of
+
+    rules = kind_of("classification")
 
     path = tmp_path / "d.txt"  # no header: one text per line, so there is no label column at all
     path.write_text("great movie;positive\nawful film;negative\n", encoding="utf-8")
-    msg = _error(read_examples, path, TaskConfig())
+    msg = _error(rules.read, path, TaskConfig(), "train")
     assert msg.startswith(f"{path}:1:") and "plain text" in msg and "header" in msg, msg
 
 

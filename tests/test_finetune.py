@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 import sora
 from sora.config import TaskConfig, load_finetune_recipe, load_recipe
-from sora.data.tasks import load_task
+from sora.tasks import kind_of
 from sora.errors import ConfigError, DataError, SoraError
 from sora.evaluate.run import evaluate_checkpoint
 from sora.models.autoencoder import SoraModel
@@ -219,14 +219,14 @@ def test_python_api_predicts_like_the_cli(cli_run):
 
 def test_labels_per_class_sampling_is_exact_and_seeded(sample_dir):
     task = TaskConfig(data=str(sample_dir), labels_per_class=3)
-    a, b, c = load_task(task, seed=13), load_task(task, seed=13), load_task(task, seed=14)
+    a, b, c = kind_of(task).load(task, 13), kind_of(task).load(task, 13), kind_of(task).load(task, 14)
     assert Counter(ex.label for ex in a.train) == {label: 3 for label in SAMPLE_LABELS}
     assert a.labels == SAMPLE_LABELS
     assert [ex.text for ex in a.train] == [ex.text for ex in b.train]  # same seed, same rows, same order
     assert {ex.text for ex in a.train} != {ex.text for ex in c.train}
     assert Counter(ex.label for ex in c.train) == {label: 3 for label in SAMPLE_LABELS}
     assert len(a.validation) == 40 and len(a.test) == 40  # only the training split is sampled
-    full = load_task(TaskConfig(data=str(sample_dir)))
+    full = kind_of("classification").load(TaskConfig(data=str(sample_dir)))
     assert len(full.train) == 360 and {ex.text for ex in a.train} <= {ex.text for ex in full.train}
 
 
@@ -395,7 +395,7 @@ def test_missing_label_names_file_and_line(pretrained, sample_dir, tmp_path, cap
     # An empty label is refused the same way.
     write_jsonl(train, [*rows[:2], {"text": "empty", "label": ""}])
     with pytest.raises(DataError, match=r":3: empty label in column 'label'"):
-        load_task(TaskConfig(data=str(train)))
+        kind_of("classification").load(TaskConfig(data=str(train)))
 
 
 def test_mixed_label_types_name_both_lines(pretrained, sample_dir, tmp_path, capsys, monkeypatch):
@@ -625,7 +625,7 @@ def test_probe_head_init_is_the_logistic_regression_folded_into_the_head(pretrai
     from sora.train.finetune import _features, head_spec, init_head, probe_scale
 
     model, tokenizer, _ = load_checkpoint(pretrained / "model")
-    data = load_task(TaskConfig(name="topic", type="classification", data=str(sample_dir)), seed=1)
+    data = kind_of("classification").load(TaskConfig(name="topic", type="classification", data=str(sample_dir)), 1)
     add_head(model, "topic", head_spec(data.task, data))
     assert not model.head_specs["topic"].normalize  # a native Sora encoder: raw codes (auto)
     info = init_head(model, tokenizer, "topic", data, 32, "probe")
@@ -684,7 +684,7 @@ def test_a_collapsed_starting_model_is_warned_about(pretrained, sample_dir):
     with torch.no_grad():  # squash the code projection: every text gets nearly the same code
         model.to_code.weight.mul_(1e-4)
         model.to_code.bias.copy_(torch.linspace(-1, 1, model.to_code.bias.numel()))
-    data = load_task(TaskConfig(name="topic", type="classification", data=str(sample_dir)), seed=1)
+    data = kind_of("classification").load(TaskConfig(name="topic", type="classification", data=str(sample_dir)), 1)
     add_head(model, "topic", head_spec(data.task, data))
     with pytest.warns(SoraWarning, match="collapsed"):
         init_head(model, tokenizer, "topic", data, 32, "probe")

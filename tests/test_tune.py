@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from sora.cli import app
 from sora.config import load_finetune_recipe, load_recipe
 from sora.errors import ConfigError, SoraError
-from sora.evaluate.curve import parse_sizes, run_label_curve
-from sora.evaluate.tune import Objective, run_tune
+from sora.train.label_curve import parse_sizes, run_label_curve
+from sora.train.tune import Objective, run_tune
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

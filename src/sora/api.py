@@ -14,6 +14,7 @@ from sora.data.batching import collate
 from sora.errors import SoraError
 from sora.models.autoencoder import SoraModel
 from sora.models.checkpoint import load_checkpoint, resolve_checkpoint
+from sora.tasks import kind_of
 from sora.text.tokenizer import SoraTokenizer
 
 
@@ -75,12 +76,10 @@ class Sora:
                 batch_size: int = 64) -> list[dict[str, Any]]:
         """Predictions of one task head (or of every head when ``task`` is None) for texts or (a, b) pairs.
 
-        All single-text heads share one encoder pass. Each row maps task → {"label", "score", "scores"}
-        (classification), {"labels", "scores"} (multilabel) or {"value"} (regression).
+        All heads that read the pooled code of a single text share one encoder pass. Each row maps task → what
+        its kind returns: {"label", "score", "scores"} (classification), {"labels", "scores"} (multilabel),
+        {"value"} (regression), ...
         """
-        from sora.data.tasks import Example, encode_examples
-        from sora.models.heads import scores as head_scores
-
         if isinstance(texts, str):
             raise TypeError("predict() takes a list of texts, not one string")
         names = [task] if task else list(self.model.head_specs)
@@ -91,29 +90,60 @@ class Sora:
             raise SoraError(f"no task {unknown[0]!r} in this checkpoint (tasks: {', '.join(self.model.head_specs)})")
         specs = {n: self.model.head_specs[n] for n in names}
         rows: list[dict[str, Any]] = [{} for _ in texts]
-        single = [n for n, sp in specs.items() if not sp.pair]
+        shared = [n for n, sp in specs.items() if not sp.pair and sp.reads == "code"]
         pairs = [n for n, sp in specs.items() if sp.pair]
+        others = [n for n in specs if n not in shared and n not in pairs]
         if pairs and not all(isinstance(t, tuple | list) and len(t) == 2 for t in texts):
             raise SoraError(f"task {pairs[0]!r} takes pairs of texts: pass (text_a, text_b) tuples")
-        if single:
+        if shared or others:
             bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
             if bad is not None:
-                what = texts[bad]
-                raise SoraError(f"task {single[0]!r} takes single texts, not pairs" if isinstance(what, tuple | list)
+                what, first = texts[bad], (shared or others)[0]
+                raise SoraError(f"task {first!r} takes single texts, not pairs" if isinstance(what, tuple | list)
                                 else f"text {bad} is {'null' if what is None else type(what).__name__}, not a string")
+        if shared:
             code = self.codes(list(texts), batch_size)
-            with torch.inference_mode():
-                for name in single:
-                    logits = self.model.heads[name](code)
-                    s = head_scores(specs[name], logits.squeeze(-1) if specs[name].type == "regression" else logits)
-                    for i, v in enumerate(s.float().cpu().numpy()):
-                        rows[i][name] = format_prediction(specs[name], v)
-        for name in pairs:
-            examples = [Example(t[0], None, t[1]) for t in texts]
-            enc = encode_examples(examples, True, specs[name].pair_mode, self.tokenizer, self.max_length)
-            for i, v in enumerate(predict_scores(self.model, self.tokenizer, name, enc, batch_size, self.encoder)):
-                rows[i][name] = format_prediction(specs[name], v)
+            for name in shared:
+                for i, row in enumerate(self.head_predictions(name, code)):
+                    rows[i][name] = row
+        for name in pairs + others:
+            kind = kind_of(specs[name])
+            examples = kind.examples_from(list(texts), specs[name])
+            enc = kind.encode(examples, specs[name], self.tokenizer, self.max_length)
+            scores = kind.predict(self.model, self.tokenizer, name, enc, batch_size, self.encoder)
+            for i, v in enumerate(kind.predictions(specs[name], scores, examples, enc)):
+                rows[i][name] = kind.format(specs[name], v)
         return rows
+
+    def answer(self, question: str | Sequence[tuple[str, str]], context: str | None = None, task: str | None = None,
+               batch_size: int = 64) -> dict[str, Any] | list[dict[str, Any]]:
+        """Answers of a question-answering head: ``answer(question, context)`` → {"answer", "start", "end",
+        "score"} (``answer`` is ``context[start:end]``), or ``answer([(question, context), ...])`` → a list."""
+        names = [n for n, s in self.model.head_specs.items() if kind_of(s).answers and task in (None, n)]
+        if not names:
+            have = ", ".join(self.model.head_specs) or "none"
+            raise SoraError(f"no question-answering task{f' {task!r}' if task else ''} in this checkpoint "
+                            f"(tasks: {have}); fine-tune one with --task-type qa")
+        if len(names) > 1:
+            raise SoraError(f"several question-answering tasks ({', '.join(names)}): choose one with task=")
+        one = isinstance(question, str)
+        if one and context is None:
+            raise SoraError("answer(question, context): a question needs its context")
+        items = [(question, context)] if one else list(question)
+        rows = [r[names[0]] for r in self.predict(items, task=names[0], batch_size=batch_size)]
+        return rows[0] if one else rows
+
+    @torch.inference_mode()
+    def head_predictions(self, name: str, code: torch.Tensor) -> list[dict[str, Any]]:
+        """Head ``name``'s predictions from codes already computed (``codes``): one encoder pass for every head
+        that reads the pooled code (``Sora.predict``, the server's batches)."""
+        from sora.models.autoencoder import EncoderOutput
+
+        spec = self.model.head_specs[name]
+        kind = kind_of(spec)
+        batch = {"attention_mask": torch.ones(len(code), 1, dtype=torch.bool, device=code.device)}
+        logits = kind.logits(self.model, self.model, name, batch, EncoderOutput(None, batch["attention_mask"], code))
+        return [kind.format(spec, v) for v in kind.scores(spec, logits).float().cpu().numpy()]
 
     def info(self) -> dict[str, Any]:
         cfg = self.model.cfg
@@ -126,23 +156,15 @@ class Sora:
             "dim": cfg.dim, "layers": cfg.layers, "heads": cfg.heads,
             "decoder_layers": cfg.decoder_layers, "pooling": cfg.pooling, "code_dim": self.dim,
             "dtype": self.dtype,
-            "tasks": {n: {"type": s.type, "labels": s.labels, "pair": s.pair}
+            "tasks": {n: {"type": s.type, "labels": s.labels, "pair": s.pair, "reads": s.reads}
                       for n, s in self.model.head_specs.items()},
             "metadata": self.config.get("metadata", {}),
         }
 
 
-def format_prediction(spec, s: np.ndarray) -> dict[str, Any]:
-    """One head's scores as a response row (shared by ``Sora.predict`` and the server)."""
-    if spec.type == "regression":
-        return {"value": float(s)}
-    labels = spec.labels or []
-    scores = {lb: round(float(p), 6) for lb, p in zip(labels, s, strict=True)}
-    if spec.type == "multilabel":
-        th = spec.thresholds or [0.5] * len(labels)
-        return {"labels": [lb for lb, p, t in zip(labels, s, th, strict=True) if p >= t], "scores": scores}
-    best = int(np.argmax(s))
-    return {"label": labels[best], "score": float(s[best]), "scores": scores}
+def format_prediction(spec, s: Any) -> dict[str, Any]:
+    """One head's scores as a response row (shared by ``Sora.predict`` and the server): the kind's format."""
+    return kind_of(spec).format(spec, s)
 
 
 def load(path: str | Path, device: str = "cpu", backend: str | None = None, dtype: str | None = None) -> Sora:
@@ -166,29 +188,10 @@ def load(path: str | Path, device: str = "cpu", backend: str | None = None, dtyp
     return loaded
 
 
-@torch.inference_mode()
 def predict_scores(model: SoraModel, tokenizer: SoraTokenizer, name: str, encoded: list[dict[str, Any]],
-                   batch_size: int = 64, encoder: Any = None) -> np.ndarray:
-    """Scores of head ``name`` for pre-encoded examples (see ``data.tasks.encode_examples``), in order:
-    (n, labels) probabilities, or (n,) values for regression. ``encoder`` computes the codes the head reads:
-    ``model`` by default, or an ``OnnxEncoder``; ``Sora.predict`` and the compression gate both come here, so
-    the gate measures what is served."""
-    from sora.data.tasks import make_batch
-    from sora.models.heads import head_features, scores
-
-    spec, encoder = model.head_specs[name], model if encoder is None else encoder
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]["ids"]))
-    out: np.ndarray | None = None
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in make_batch([encoded[i] for i in idx], tokenizer.pad_id).items()}
-        logits = model.heads[name](head_features(encoder, spec, batch))  # reads only encoder.embed
-        s = scores(spec, logits.squeeze(-1) if spec.type == "regression" else logits).float().cpu().numpy()
-        if out is None:
-            out = np.zeros((len(encoded), *s.shape[1:]), dtype=np.float32)
-        out[idx] = s
-    model.train(was_training)
-    return out if out is not None else np.zeros((0,), dtype=np.float32)
+                   batch_size: int = 64, encoder: Any = None) -> Any:
+    """Scores of head ``name`` for pre-encoded examples (its kind's ``encode``), in order: (n, labels)
+    probabilities, (n,) values for regression, ... ``encoder`` computes what the head reads: ``model`` by
+    default, or an ``OnnxEncoder``; ``Sora.predict`` and the compression gate both come here, so the gate
+    measures what is served."""
+    return kind_of(model.head_specs[name]).predict(model, tokenizer, name, encoded, batch_size, encoder)

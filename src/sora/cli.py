@@ -132,7 +132,8 @@ def finetune(
     data: Annotated[str | None, typer.Option(help="task data: a dir with train/validation/test, or a file")] = None,
     validation: Annotated[str | None, typer.Option(help="validation file (model selection)")] = None,
     test: Annotated[str | None, typer.Option(help="test file (for sora evaluate)")] = None,
-    task_type: Annotated[str | None, typer.Option(help="classification|pair|multilabel|regression")] = None,
+    task_type: Annotated[str | None, typer.Option(help="classification|pair|multilabel|regression|relation|qa "
+                                                       "(sora.tasks.KINDS)")] = None,
     text_column: Annotated[str | None, typer.Option()] = None,
     label_column: Annotated[str | None, typer.Option()] = None,
     delimiter: Annotated[str | None, typer.Option(help=DELIMITER_HELP + "; recipe key tasks[].delimiter")] = None,
@@ -202,8 +203,7 @@ def evaluate(
                             score_column, progress=sys.stderr.isatty())
     if result["mode"] == "task":
         m = result["metrics"]
-        headline = [k for k in ("accuracy", "macro_f1", "micro_f1", "mcc", "roc_auc", "ece", "pearson", "spearman")
-                    if isinstance(m.get(k), int | float)]
+        headline = [k for k in result.get("headline") or m if k != "n" and isinstance(m.get(k), int | float)]
         typer.echo(f"{result['task']} on {result['data']} ({m.get('n')} examples): "
                    + ", ".join(f"{k} {m[k]:.4f}" for k in headline))
     else:
@@ -304,7 +304,7 @@ def tune(
     from rich.console import Console
     from rich.table import Table
 
-    from sora.evaluate.tune import run_tune, trials_table
+    from sora.train.tune import run_tune, trials_table
 
     summary = run_tune(recipe, _overrides(set_), trials, timeout_min * 60 if timeout_min else None, output, seed,
                        echo=typer.echo)
@@ -330,7 +330,7 @@ def label_curve(
     set_: Annotated[list[str] | None, typer.Option("--set", help="any recipe key, e.g. finetune.epochs=10")] = None,
 ) -> None:
     """Test score against labels per class (mean ± std over seeds): does labelling more pay off?"""
-    from sora.evaluate.curve import parse_sizes, run_label_curve
+    from sora.train.label_curve import parse_sizes, run_label_curve
 
     result = run_label_curve(recipe, _overrides(set_), parse_sizes(sizes), seeds, output, echo=typer.echo)
     for s in result["summary"]:

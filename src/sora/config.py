@@ -213,14 +213,11 @@ def _load(kind: type[BaseModel], path: str | Path | None, overrides: dict[str, A
 
 # ---- fine-tuning -------------------------------------------------------------------------------------------
 
-TaskType = Literal["classification", "multilabel", "pair", "regression"]
-
-
 class TaskConfig(_Strict):
     """One supervised task: its data, columns, labels and head. ``pair`` tasks read text_a/text_b."""
 
     name: str = "task"
-    type: TaskType = "classification"
+    type: str = "classification"  # a task kind, sora.tasks.KINDS (checked when the task's data is read)
     data: str | None = None  # a directory with train/validation/test files, or the train file
     validation: str | None = None
     test: str | None = None
@@ -246,6 +243,7 @@ class TaskConfig(_Strict):
     temperature: float = Field(0.1, gt=0)
     metric: str | None = None  # model selection: default accuracy / micro_f1 / pearson by type
     label_separator: str = ","  # multilabel: labels given as "a,b" (or a JSON list)
+    options: dict[str, Any] = {}  # settings of the task's kind (e.g. qa: stride, max_answer_length), checked by it
 
 
 class FinetuneConfig(_Strict):
@@ -273,6 +271,7 @@ class FinetuneConfig(_Strict):
 # Fine-tuning defaults differ from pretraining ones; subclasses keep them when a recipe sets only some keys.
 class FinetuneData(DataConfig):
     batch_size: int = Field(16, ge=1)
+    max_length: int | None = Field(None, ge=4)  # tokens per example; default: the task kinds' (128; QA windows 384)
 
 
 class FinetuneModel(ModelConfig):  # used when fine-tuning starts from an HF encoder

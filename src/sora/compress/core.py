@@ -38,11 +38,12 @@ from sora.compress.prune import apply_pruning, head_importance, plan_pruning
 from sora.compress.quantize import DEFAULT_KEEP_FP32, inference_size_mb, int8_settings, quantize_int8
 from sora.compress.runtime import native, set_dtype
 from sora.config import TaskConfig
-from sora.data.tasks import Example, check_known, encode_examples, label_tensor, make_batch, read_examples
+from sora.data.tasks import make_batch
 from sora.errors import ConfigError, SoraError
 from sora.models.autoencoder import SoraModel
 from sora.models.checkpoint import atomic_dir, is_sora_checkpoint, resolve_checkpoint, save_checkpoint
 from sora.models.heads import HeadSpec
+from sora.tasks import kind_of, scalar_metrics
 
 Embed = Callable[..., torch.Tensor]  # (ids, mask, type_ids=None) -> codes, as SoraModel.embed
 DEFAULT_PRUNE_HEADS = 0.3
@@ -53,7 +54,7 @@ ONNX_TOLERANCE = 1e-3  # fp32 export vs PyTorch, max |Δ| on the validation text
 class TaskSet:
     name: str
     spec: HeadSpec
-    examples: list[Example]
+    examples: list[Any]
     encoded: list[dict[str, Any]]
 
 
@@ -76,7 +77,7 @@ def _validation_source(cfg: TaskConfig, data: str | None) -> str | None:
     return None
 
 
-def _subsample(examples: list[Example], n: int | None, seed: int = 13) -> list[Example]:
+def _subsample(examples: list[Any], n: int | None, seed: int = 13) -> list[Any]:
     if n is None or len(examples) <= n:
         return examples
     return random.Random(seed).sample(examples, n)
@@ -100,11 +101,11 @@ def validation_sets(model: SoraModel, tokenizer, config: dict[str, Any], max_len
         source = _validation_source(cfg, data)
         if source is None:
             raise ConfigError(f"task {name!r}: no validation split in the checkpoint's recipe; pass --data PATH")
-        examples, _ = read_examples(source, cfg, "validation", pair=spec.pair)
-        check_known(examples, spec.labels, str(source))
+        kind = kind_of(spec)
+        examples = kind.read(source, cfg, "validation", pair=spec.pair)
+        kind.check_labels(examples, spec.labels, str(source))
         examples = _subsample(examples, max_examples)
-        sets.append(TaskSet(name, spec, examples,
-                            encode_examples(examples, spec.pair, spec.pair_mode, tokenizer, max_length)))
+        sets.append(TaskSet(name, spec, examples, kind.encode(examples, spec, tokenizer, max_length)))
     return sets
 
 
@@ -115,21 +116,19 @@ def importance_batches(model: SoraModel, tokenizer, config: dict[str, Any], sets
     out, used = [], "validation"
     for ts in sets:
         cfg = _task_config(config, ts.name, ts.spec)
+        kind = kind_of(ts.spec)
         examples = None
         if cfg.data:
             try:
-                examples, _ = read_examples(cfg.data, cfg, "train", pair=ts.spec.pair)
-                check_known(examples, ts.spec.labels, str(cfg.data))
+                examples = kind.read(cfg.data, cfg, "train", pair=ts.spec.pair)
+                kind.check_labels(examples, ts.spec.labels, str(cfg.data))
                 used = "train"
             except SoraError:
                 examples = None
         examples = _subsample(examples or ts.examples, n_examples)
-        enc = encode_examples(examples, ts.spec.pair, ts.spec.pair_mode, tokenizer, max_length)
-        y = label_tensor(examples, ts.spec.type, ts.spec.labels)
-        for start in range(0, len(enc), batch_size):
-            batch = make_batch(enc[start:start + batch_size], tokenizer.pad_id)
-            batch["labels"] = y[start:start + batch_size]
-            out.append((ts.name, batch))
+        enc = kind.encode(examples, ts.spec, tokenizer, max_length)
+        y = kind.training_targets(examples, enc, ts.spec.labels)
+        out += [(ts.name, batch) for batch in kind.batches(enc, y, batch_size, tokenizer.pad_id, shuffle=False)]
     return out, used
 
 
@@ -160,20 +159,18 @@ def evaluate(heads_model: SoraModel, encoder: Any, sets: list[TaskSet], tokenize
     codes from ``encoder`` (a model, or an ``OnnxEncoder``) through ``api.predict_scores``: the very path
     ``Sora.predict`` serves, single texts and pairs alike."""
     from sora.api import predict_scores
-    from sora.train.finetune import task_metrics
 
     result = {}
     for ts in sets:
-        th = np.array(ts.spec.thresholds) if ts.spec.thresholds else None
+        kind = kind_of(ts.spec)
         s = predict_scores(heads_model, tokenizer, ts.name, ts.encoded, encoder=encoder)
-        result[ts.name] = task_metrics(ts.spec, s, ts.examples, th)
+        predictions = kind.predictions(ts.spec, s, ts.examples, ts.encoded)
+        result[ts.name] = scalar_metrics(kind.metrics(ts.spec, predictions, ts.examples))
     return result
 
 
 def primary(metrics: dict[str, float], spec: HeadSpec) -> tuple[str, float]:
-    from sora.train.finetune import DEFAULT_METRIC
-
-    name = spec.metric if spec.metric in metrics else DEFAULT_METRIC[spec.type]
+    name = spec.metric if spec.metric in metrics else kind_of(spec).default_metric
     return name, float(metrics[name])
 
 

@@ -14,25 +14,22 @@ and the rest renumbered. The result is a plain ``SoraModel`` whose ``ModelConfig
 from __future__ import annotations
 
 from collections.abc import Iterable
+from types import SimpleNamespace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from sora.models.autoencoder import SoraModel
-from sora.models.heads import HeadSpec, add_head, task_logits
+from sora.models.heads import add_head
+from sora.tasks import kind_of
 
 
 def layer_head_counts(model: SoraModel) -> list[int]:
     return [layer.attn.heads for layer in model.encoder.layers]
 
 
-def task_loss(spec: HeadSpec, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    if spec.type == "regression":
-        return F.mse_loss(logits.float(), labels.float())
-    if spec.type == "multilabel":
-        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-    return F.cross_entropy(logits.float(), labels)
+# Importance is Σ|∂L/∂ξ| of the task's own training loss, without its fine-tuning extras (weights, contrastive).
+_PLAIN_LOSS = SimpleNamespace(class_weights=None, contrastive=0.0, temperature=0.1)
 
 
 def head_importance(model: SoraModel, batches: Iterable[tuple[str, dict[str, torch.Tensor]]]) -> list[torch.Tensor]:
@@ -60,8 +57,7 @@ def head_importance(model: SoraModel, batches: Iterable[tuple[str, dict[str, tor
         device = next(model.parameters()).device
         for name, batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            spec = model.head_specs[name]
-            loss = task_loss(spec, task_logits(model, name, batch), batch["labels"])
+            loss = kind_of(model.head_specs[name]).loss(model, name, batch, _PLAIN_LOSS)[0]
             grads = torch.autograd.grad(loss, gates, allow_unused=True)
             for s, g in zip(scores, grads, strict=True):
                 if g is not None:

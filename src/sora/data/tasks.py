@@ -6,13 +6,12 @@ here, before training, with the file and line: a missing label, or a label colum
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -29,6 +28,19 @@ class Example:
     label: Any  # str (classification), float (regression), list[str] (multilabel), None (unlabeled)
     text_b: str | None = None
     line: int = 0
+
+
+class LabelRules(Protocol):
+    """What reading a task's rows needs from its kind (``sora.tasks.TaskKind``)."""
+
+    pair_input: bool
+
+    def parse_label(self, value: Any, task: TaskConfig, path: Path, line: int) -> Any: ...
+
+    def label_set(self, examples: list[Any], task: TaskConfig) -> list[str] | None: ...
+
+    def read_split(self, path: str | Path, task: TaskConfig, split: str,
+                   pair: bool | None) -> tuple[list[Any], bool]: ...
 
 
 @dataclass
@@ -52,8 +64,10 @@ def _label_kind(value: Any) -> str:
 
 
 def read_examples(path: str | Path, task: TaskConfig, split: str = "train", require_labels: bool = True,
-                  pair: bool | None = None, delimiter: str | None = None) -> tuple[list[Example], bool]:
-    """Examples of one split, and whether they are pairs. Labels are checked line by line. ``delimiter``
+                  pair: bool | None = None, delimiter: str | None = None, *,
+                  rules: LabelRules) -> tuple[list[Example], bool]:
+    """Examples of one split, and whether they are pairs. Labels are checked line by line (``rules``: the task's
+    kind parses them). ``delimiter``
     (default: the task's ``delimiter`` where the recipe has one) splits CSV/TSV/TXT; else it is detected."""
     p = resolve_split(path, split)
     delimiter = delimiter or getattr(task, "delimiter", None)
@@ -63,7 +77,7 @@ def read_examples(path: str | Path, task: TaskConfig, split: str = "train", requ
     first_kind: tuple[str, int, Any] | None = None
     for line, record in read_records(p, layout=layout):
         if pair is None:
-            pair = task.inputs == "pair" or task.type == "pair" or (
+            pair = task.inputs == "pair" or rules.pair_input or (
                 task.inputs == "auto" and task.text_b_column in record)
         text_key = "text_a" if pair and "text_a" in record and task.text_column not in record else task.text_column
         for key in (text_key, task.text_b_column) if pair else (text_key,):
@@ -82,7 +96,7 @@ def read_examples(path: str | Path, task: TaskConfig, split: str = "train", requ
             elif kind != first_kind[0]:
                 raise DataError(f"{p}:{line}: label {label!r} is a {kind}, but line {first_kind[1]} has a "
                                 f"{first_kind[0]} label {first_kind[2]!r}; make the label column one type")
-            label = _convert(label, task, p, line)
+            label = rules.parse_label(label, task, p, line)
         examples.append(Example(record[text_key], label, record[task.text_b_column] if pair else None, line))
     if not examples:
         raise DataError(f"{p}: no examples (empty data)")
@@ -101,33 +115,6 @@ def _label_error(p: Path, line: int, record: dict[str, Any], task: TaskConfig, l
                 "(--label-column)")
     where = "missing" if column not in record else "empty"
     return f"{p}:{line}: {where} label in column {column!r} (remove the row, or fill it in)"
-
-
-def _convert(label: Any, task: TaskConfig, path: Path, line: int) -> Any:
-    if task.type == "regression":
-        try:
-            return float(label)
-        except (TypeError, ValueError):
-            raise DataError(f"{path}:{line}: regression label {label!r} is not a number") from None
-    if task.type == "multilabel":
-        if isinstance(label, list):
-            return [str(x) for x in label]
-        text = str(label).strip()
-        if text.startswith("["):
-            return [str(x) for x in json.loads(text)]
-        return [x.strip() for x in text.split(task.label_separator) if x.strip()]
-    return str(label)
-
-
-def infer_labels(examples: list[Example], task: TaskConfig) -> list[str] | None:
-    if task.type == "regression":
-        return None
-    if task.labels:
-        return list(task.labels)
-    seen: set[str] = set()
-    for ex in examples:
-        seen.update(ex.label if isinstance(ex.label, list) else [ex.label])
-    return sorted(seen, key=lambda x: (0, int(x)) if x.lstrip("-").isdigit() else (1, x))
 
 
 def check_known(examples: list[Example], labels: list[str] | None, where: str) -> None:
@@ -155,12 +142,12 @@ def sample_per_class(examples: list[Example], n: int, seed: int) -> list[Example
     return chosen
 
 
-def load_task(task: TaskConfig, seed: int = 13) -> TaskData:
+def load_task(task: TaskConfig, seed: int, rules: LabelRules) -> TaskData:
     """Read train/validation/test for a task; sample the few-label regime; check labels."""
     if not task.data:
         raise DataError(f"task {task.name!r}: no data (set tasks[].data to a file or a directory)")
-    train, pair = read_examples(task.data, task, "train")
-    labels = infer_labels(train, task)
+    train, pair = rules.read_split(task.data, task, "train", None)
+    labels = rules.label_set(train, task)
     if task.labels_per_class:
         train = sample_per_class(train, task.labels_per_class, seed)
     if task.max_train and len(train) > task.max_train:
@@ -172,7 +159,7 @@ def load_task(task: TaskConfig, seed: int = 13) -> TaskData:
         if source is None:
             continue
         try:
-            rows, _ = read_examples(source, task, split, pair=pair)
+            rows, _ = rules.read_split(source, task, split, pair)
         except DataError as exc:
             if explicit or "no " + split not in str(exc):
                 raise
@@ -195,19 +182,6 @@ def encode_examples(examples: list[Example], pair: bool, mode: str, tokenizer: S
     return [{"ids": x, "b_ids": y} for x, y in zip(a, b, strict=True)]
 
 
-def label_tensor(examples: list[Example], task_type: str, labels: list[str] | None) -> torch.Tensor:
-    if task_type == "regression":
-        return torch.tensor([float(e.label) for e in examples], dtype=torch.float)
-    index = {lb: i for i, lb in enumerate(labels or [])}
-    if task_type == "multilabel":
-        out = torch.zeros(len(examples), len(index))
-        for i, e in enumerate(examples):
-            for lb in e.label:
-                out[i, index[lb]] = 1.0
-        return out
-    return torch.tensor([index[e.label] for e in examples], dtype=torch.long)
-
-
 def make_batch(encoded: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     batch = collate([e["ids"] for e in encoded], pad_id)
     if "types" in encoded[0]:
@@ -220,8 +194,11 @@ def make_batch(encoded: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Te
 
 def task_batches(encoded: list[dict[str, Any]], targets: torch.Tensor | None, batch_size: int, pad_id: int, *,
                  seed: int = 0,
-                 epoch: int = 0, shuffle: bool = True, prefix: str = "") -> Iterator[dict[str, torch.Tensor]]:
-    """Length-bucketed batches over in-memory examples; keys get ``prefix`` (to mix tasks in one batch)."""
+                 epoch: int = 0, shuffle: bool = True, prefix: str = "",
+                 collate_rows: Callable[[list[dict[str, Any]], int], dict[str, torch.Tensor]] = make_batch,
+                 ) -> Iterator[dict[str, torch.Tensor]]:
+    """Length-bucketed batches over in-memory examples; keys get ``prefix`` (to mix tasks in one batch).
+    ``collate_rows`` pads a list of encoded rows into tensors (a kind's own, e.g. with entity positions)."""
     order = list(range(len(encoded)))
     if shuffle:
         rng = random.Random(f"{seed}/{epoch}")
@@ -234,7 +211,7 @@ def task_batches(encoded: list[dict[str, Any]], targets: torch.Tensor | None, ba
     else:
         chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     for idx in chunks:
-        batch = make_batch([encoded[i] for i in idx], pad_id)
+        batch = collate_rows([encoded[i] for i in idx], pad_id)
         if targets is not None:
             batch["labels"] = targets[idx]
         yield {prefix + k: v for k, v in batch.items()}

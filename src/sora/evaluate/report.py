@@ -20,18 +20,9 @@ from sora.evaluate.metrics import expected_calibration_error, reliability_curve
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-KINDS = ("classification", "multilabel", "regression")
 MAX_MD_CONFUSION = 20  # a wider Markdown table is unreadable; the PNG still shows it
 MAX_CELL_TEXT = 20  # numbers inside confusion-matrix cells only up to this many labels
 MAX_TICK_LABELS = 100  # past this, label names on the axes overlap into a black bar
-
-HEADLINE = {
-    "classification": ["accuracy", "macro_f1", "micro_f1", "weighted_f1", "macro_precision", "macro_recall",
-                       "mcc", "roc_auc", "ece", "n"],
-    "multilabel": ["micro_f1", "macro_f1", "subset_accuracy", "hamming_loss", "n"],
-    "regression": ["pearson", "spearman", "mse", "mae", "n"],
-}
-
 
 def _figure(width: float, height: float) -> Figure:
     try:
@@ -219,23 +210,26 @@ def label_curve_plot(points: Sequence[dict[str, Any]], out: Path) -> Path:
 # --- report --------------------------------------------------------------------------------------------
 
 
-def _markdown(metrics: dict[str, Any], task: str, kind: str, plots: dict[str, Path]) -> str:
+def _markdown(metrics: dict[str, Any], task: str, kind: str, plots: dict[str, Path],
+              headline: Sequence[str] | None) -> str:
+    """The report: headline numbers, then whichever sections the metrics hold (per class or label, ...)."""
     lines = [f"# Evaluation: {task}", "", f"Kind: {kind} · rows: {metrics.get('n', 'n/a')}", "", "## Headline", ""]
-    lines += _table(["metric", "value"], [(k, metrics[k]) for k in HEADLINE[kind] if k in metrics])
+    keys = headline or [k for k, v in metrics.items() if isinstance(v, int | float | None) and not k.endswith("_note")]
+    lines += _table(["metric", "value"], [(k, metrics[k]) for k in keys if k in metrics])
     notes = [f"- {k}: {v}" for k, v in metrics.items() if k.endswith("_note")]
     if notes:
         lines += ["", *notes]
 
-    if kind == "regression":
-        if metrics.get("spearman") is not None and metrics.get("pearson") is not None:
-            lines += ["", f"Correlations × 100 (as usually reported for STS): "
-                      f"Spearman ρ {100 * metrics['spearman']:.2f}, Pearson r {100 * metrics['pearson']:.2f}."]
-    elif kind == "classification" and metrics.get("per_class"):
-        lines += ["", "## Per class", ""]
-        lines += _table(["label", "precision", "recall", "F1", "support"],
-                        [(lab, m["precision"], m["recall"], m["f1"], m["support"])
-                         for lab, m in metrics["per_class"].items()])
-    elif kind == "multilabel" and metrics.get("per_label"):
+    if metrics.get("spearman") is not None and metrics.get("pearson") is not None:
+        lines += ["", f"Correlations × 100 (as usually reported for STS): "
+                  f"Spearman ρ {100 * metrics['spearman']:.2f}, Pearson r {100 * metrics['pearson']:.2f}."]
+    for key, title in (("per_class", "Per class"), ("per_relation", "Per relation")):
+        if metrics.get(key):
+            lines += ["", f"## {title}", ""]
+            lines += _table(["label", "precision", "recall", "F1", "support"],
+                            [(lab, m["precision"], m["recall"], m["f1"], m["support"])
+                             for lab, m in metrics[key].items()])
+    if metrics.get("per_label"):
         lines += ["", "## Per label", ""]
         lines += _table(["label", "F1", "threshold", "support"],
                         [(lab, m["f1"], m["threshold"], m["support"]) for lab, m in metrics["per_label"].items()])
@@ -268,14 +262,13 @@ def write_report(
     probs: np.ndarray | None = None,
     y_true_idx: np.ndarray | None = None,
     labels: Sequence[str] | None = None,
+    headline: Sequence[str] | None = None,
 ) -> dict[str, Path]:
     """Write ``metrics.json``, ``report.md`` and whichever plots have their inputs; return the paths written.
 
     ``labels`` names the confusion-matrix axes when ``metrics`` has no ``labels`` entry. The reliability
     diagram needs ``probs`` and ``y_true_idx``; the training curves need an existing ``train_log``.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if labels is not None and "labels" not in metrics:
@@ -285,7 +278,7 @@ def write_report(
     if metrics.get("confusion_matrix") and metrics.get("labels"):
         plots["confusion_matrix"] = confusion_matrix_plot(metrics["confusion_matrix"], metrics["labels"],
                                                           out_dir / "confusion_matrix.png")
-    if kind == "classification" and probs is not None and y_true_idx is not None and len(y_true_idx):
+    if probs is not None and y_true_idx is not None and len(y_true_idx):
         plots["reliability"] = reliability_plot(probs, y_true_idx, out_dir / "reliability.png")
     if train_log is not None and Path(train_log).is_file():
         path = training_curves_plot(Path(train_log), out_dir / "training_curves.png")
@@ -294,5 +287,5 @@ def write_report(
 
     written = {"metrics": out_dir / "metrics.json", "report": out_dir / "report.md"}
     written["metrics"].write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    written["report"].write_text(_markdown(metrics, task, kind, plots), encoding="utf-8")
+    written["report"].write_text(_markdown(metrics, task, kind, plots, headline), encoding="utf-8")
     return {**written, **plots}

@@ -7,14 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from sora.api import Sora, predict_scores
 from sora.config import TaskConfig
-from sora.data.tasks import check_known, encode_examples, label_tensor, read_examples
 from sora.errors import ConfigError
-from sora.evaluate.metrics import classification_metrics, multilabel_metrics, regression_metrics
 from sora.evaluate.report import write_report
+from sora.tasks import kind_of
 
 
 def task_config(model: Sora, name: str) -> TaskConfig:
@@ -52,28 +49,20 @@ def evaluate_checkpoint(model: Sora, data: str | None = None, split: str = "test
                           "pass --data PATH")
     if source == cfg.test and data is None:
         split = "test"
-    examples, _ = read_examples(source, cfg, split, pair=spec.pair)
-    check_known(examples, spec.labels, str(source))
-    encoded = encode_examples(examples, spec.pair, spec.pair_mode, model.tokenizer, model.max_length)
+    kind = kind_of(spec)
+    examples = kind.read(source, cfg, split, pair=spec.pair)
+    kind.check_labels(examples, spec.labels, str(source))
+    encoded = kind.encode(examples, spec, model.tokenizer, model.max_length)
     scores = predict_scores(model.model, model.tokenizer, name, encoded, batch_size, model.encoder)  # ONNX too
-    probs = y_idx = None
-    if spec.type == "regression":
-        metrics = regression_metrics([ex.label for ex in examples], scores.tolist())
-    elif spec.type == "multilabel":
-        y = label_tensor(examples, "multilabel", spec.labels).numpy()
-        metrics = multilabel_metrics(y, scores, np.array(spec.thresholds or 0.5), spec.labels)
-    else:
-        labels = spec.labels or []
-        y_true = [ex.label for ex in examples]
-        metrics = classification_metrics(y_true, [labels[i] for i in scores.argmax(1)], scores, labels)
-        probs, y_idx = scores, np.array([labels.index(t) for t in y_true])
-    kind = "classification" if spec.type == "pair" else spec.type
+    predictions = kind.predictions(spec, scores, examples, encoded)
+    metrics = kind.metrics(spec, predictions, examples)
+    extras = kind.report_inputs(spec, predictions, examples)
     out_dir = Path(out) if out else model.path.parent / f"eval-{name}-{split}"
     run_dir = model.path.parent if model.path.name == "model" else model.path.parent.parent
     log = run_dir / "train_log.jsonl"
-    files = write_report(out_dir, metrics, name, kind, log if log.is_file() else None, probs, y_idx,
-                         spec.labels)
-    return {"task": name, "data": str(source), "split": split, "metrics": metrics,
+    files = write_report(out_dir, metrics, name, kind.report, log if log.is_file() else None,
+                         extras.get("probs"), extras.get("y_true_idx"), spec.labels, kind.headline or None)
+    return {"task": name, "data": str(source), "split": split, "metrics": metrics, "headline": list(kind.headline),
             "files": {k: str(v) for k, v in files.items()}}
 
 

@@ -7,12 +7,22 @@ fine-tuning) live in ``heads`` and read the same code or the encoder states.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sora.config import ModelConfig
 from sora.models.transformer import Decoder, Encoder
+
+
+class EncoderOutput(NamedTuple):
+    """One encoder pass: what every head reads from (token states, their mask, the pooled code)."""
+
+    states: torch.Tensor | None  # (B, T, dim); None where only the code was computed (an ONNX encoder)
+    mask: torch.Tensor  # (B, T) bool
+    code: torch.Tensor  # (B, code_dim)
 
 
 class SoraModel(nn.Module):
@@ -55,9 +65,14 @@ class SoraModel(nn.Module):
         m = mask.unsqueeze(-1).to(states.dtype)
         return (states * m).sum(1) / m.sum(1).clamp(min=1.0)
 
+    def run(self, ids: torch.Tensor, mask: torch.Tensor, type_ids: torch.Tensor | None = None) -> EncoderOutput:
+        """The one encoder pass heads read from: token states and the code together."""
+        states = self.encode(ids, mask, type_ids)
+        return EncoderOutput(states, mask, self.to_code(self.pool(states, mask)))
+
     def embed(self, ids: torch.Tensor, mask: torch.Tensor, type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The sentence code (B, code_dim): the representation Sora is trained to produce."""
-        return self.to_code(self.pool(self.encode(ids, mask, type_ids), mask))
+        return self.run(ids, mask, type_ids).code
 
     def reconstruction_loss(self, code: torch.Tensor, target: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of rebuilding ``target`` token by token from ``code`` alone (teacher forcing)."""

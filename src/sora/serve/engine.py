@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sora.api import format_prediction
 from sora.serve.batcher import Job
+from sora.tasks import kind_of
 
 TEXT = ("text",)
 
@@ -60,8 +60,9 @@ class Engine:
         self.metadata: dict[str, Any] = dict(self.config.get("metadata") or {})
         self.version = str(self.metadata.get("version") or weights_version(self.path))
         self.specs = dict(sora.model.head_specs)
-        self.single_tasks = [n for n, s in self.specs.items() if not s.pair]
-        self.pair_tasks = [n for n, s in self.specs.items() if s.pair]
+        self.answer_tasks = [n for n, s in self.specs.items() if kind_of(s).answers]  # /v1/answer
+        self.single_tasks = [n for n, s in self.specs.items() if not s.pair and n not in self.answer_tasks]
+        self.pair_tasks = [n for n, s in self.specs.items() if s.pair and n not in self.answer_tasks]
         self.max_length = int(sora.max_length)
         # A private copy of the tokenizer for counting on the event loop: the model's own one is reconfigured
         # (truncation) on every call from the inference thread, and must not be used from two threads at once.
@@ -124,16 +125,12 @@ class Engine:
         texts = [t for j in jobs for t in j.items]
         codes = self.sora.codes(texts, batch_size=self._batch_size(jobs))
         wanted = sorted({t for j in jobs if j.payload[0] == "predict" for t in j.payload[1]})
-        scores: dict[str, np.ndarray] = {}
-        if wanted:
-            from sora.models.heads import scores as head_scores
-
-            with torch.inference_mode():
-                for name in wanted:
-                    spec = self.specs[name]
-                    logits = self.sora.model.heads[name](codes)
-                    s = head_scores(spec, logits.squeeze(-1) if spec.type == "regression" else logits)
-                    scores[name] = s.float().cpu().numpy()
+        predictions: dict[str, list[dict[str, Any]]] = {}
+        for name in wanted:  # heads on the pooled code share the pass above; others (entities) run their own
+            if self.specs[name].reads == "code":
+                predictions[name] = self.sora.head_predictions(name, codes)
+            else:
+                predictions[name] = [r[name] for r in self.sora.predict(texts, name, self._batch_size(jobs))]
         out: list[Any] = []
         start = 0
         for job in jobs:
@@ -147,8 +144,7 @@ class Engine:
                     out.append(vec.float().cpu().numpy().tolist())
                 else:
                     tasks = job.payload[1]
-                    out.append([{t: format_prediction(self.specs[t], scores[t][i]) for t in tasks}
-                                for i in range(rows.start, rows.stop)])
+                    out.append([{t: predictions[t][i] for t in tasks} for i in range(rows.start, rows.stop)])
             except Exception as exc:
                 out.append(exc)
         return out

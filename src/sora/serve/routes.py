@@ -24,6 +24,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.routing import APIRoute
 
+from sora.errors import SoraError
 from sora.serve.deps import State, limited, ready_engine, require_api_key
 from sora.serve.engine import TEXT, Engine, pair_key
 from sora.serve.schemas import (
@@ -35,8 +36,9 @@ from sora.serve.schemas import (
     PredictRequest,
     PredictResponse,
 )
+from sora.tasks import kind_of
 
-# Modules imported by ``mount`` so that their ``@route`` declarations register (e.g. "sora.serve.qa").
+# Modules imported by ``mount`` so that their ``@route`` declarations register.
 PLUGINS: list[str] = []
 
 
@@ -147,6 +149,9 @@ async def predict(request: Request, body: Annotated[PredictRequest, Depends(limi
             raise HTTPException(404, f"no task {unknown[0]!r} in model {engine.name!r} "
                                      f"(tasks: {', '.join(engine.specs)})")
         tasks = list(dict.fromkeys(body.tasks))
+        answering = [t for t in tasks if t in engine.answer_tasks]
+        if answering:
+            raise HTTPException(422, f"task {answering[0]!r} answers questions: POST /v1/answer")
         wrong = [t for t in tasks if engine.specs[t].pair != pairs]
         if wrong:
             need = "pairs" if engine.specs[wrong[0]].pair else "texts"
@@ -159,6 +164,11 @@ async def predict(request: Request, body: Annotated[PredictRequest, Depends(limi
                                      f"send `{need}` (tasks: {', '.join(engine.specs)})")
     scope_state = request.scope.setdefault("state", {})
     if not pairs:
+        for t in tasks:  # a kind that reads more than plain text (entity markers) checks it before queueing
+            try:
+                kind_of(engine.specs[t]).examples_from(body.texts, engine.specs[t])
+            except SoraError as exc:
+                raise HTTPException(422, f"task {t!r}: {exc}") from None
         rows = await state.infer(scope_state, TEXT, body.texts, ("predict", tasks))
     else:
         items = [tuple(p) for p in body.pairs or []]

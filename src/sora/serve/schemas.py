@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
+from sora.tasks import KINDS
+
 
 def _valid_unicode(text: str) -> str:
     try:
@@ -76,10 +78,45 @@ class PredictRequest(_Request):
         return len(self.texts if self.texts is not None else self.pairs or [])
 
 
+class Question(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    question: Text = Field(min_length=1, examples=["When was the parcel sent?"])
+    context: Text = Field(min_length=1, examples=["Your parcel was sent on 3 May and arrives within a week."],
+                          description="the text the answer is taken from (long ones are read in windows)")
+
+
+class AnswerRequest(_Request):
+    questions: list[Question] = Field(min_length=1, description="questions, each with its context; one batched pass")
+    task: Text | SkipJsonSchema[None] = Field(None, description="the question-answering head (when there are several)")
+
+    def all_texts(self) -> list[str]:
+        return [t for q in self.questions for t in (q.question, q.context)]
+
+    def count(self) -> int:
+        return len(self.questions)
+
+
+class Answer(BaseModel):
+    answer: str = Field(description="the exact substring context[start:end]; empty when no span qualifies")
+    start: int = Field(description="character offset of the answer in the context")
+    end: int
+    score: float = Field(description="the span's probability among the best candidates")
+
+
+class AnswerResponse(BaseModel):
+    answers: list[Answer]
+    model: str
+    task: str
+
+
 class EmbedResponse(BaseModel):
     embeddings: list[list[float]]
     model: str
     dim: int
+
+
+TaskType = Literal[tuple(KINDS)]  # type: ignore[valid-type]  # the task kinds this Sora knows
 
 
 class TaskPrediction(BaseModel):
@@ -99,7 +136,7 @@ class PredictResponse(BaseModel):
 
 
 class TaskCard(BaseModel):
-    type: Literal["classification", "multilabel", "pair", "regression"]
+    type: TaskType
     pair: bool
     pair_mode: str
     labels: list[str] | None = None

@@ -75,7 +75,9 @@ class ServeState:
                 None, lambda: Engine.load(s.checkpoint, s.backend, s.device, s.max_batch_tokens, s.model_name, s.dtype))
             e = self.engine
             # Warm-up through the batcher, so the first real request finds the inference thread ready too.
-            payload = ("predict", e.single_tasks) if e.single_tasks else ("embed", False)
+            # Heads on the pooled code (plain texts; an entity-marked or question head needs inputs of its own kind).
+            plain = [t for t in e.single_tasks if e.specs[t].reads == "code"]
+            payload = ("predict", plain) if plain else ("embed", False)
             job = await self.batcher(TEXT, WARMUP_TEXTS, e.count_tokens(WARMUP_TEXTS), payload)
             job.future.result()
             self.metrics.set_model(e.name, e.version, list(e.specs), e.backend)

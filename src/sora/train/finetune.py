@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,28 +21,25 @@ import torch
 
 from sora.errors import missing
 
-try:
-    from scipy.stats import pearsonr, spearmanr
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+try:  # model selection scores with sora.evaluate.metrics
+    import scipy  # noqa: F401
+    import sklearn  # noqa: F401
 except ImportError as exc:
     raise missing(exc, "fine-tuning") from exc
 
-from sora.api import predict_scores
 from sora.config import FinetuneRecipe, TaskConfig
 from sora.data import TextSource, token_batches
-from sora.data.tasks import TaskData, encode_examples, label_tensor, load_task
+from sora.data.tasks import TaskData
 from sora.errors import ConfigError, SoraWarning
 from sora.models.autoencoder import SoraModel
 from sora.models.checkpoint import is_sora_checkpoint, load_checkpoint, save_checkpoint
 from sora.models.heads import HeadSpec, add_head, head_features
 from sora.objectives import TaskLoss, build_objective
+from sora.tasks import kind_of, scalar_metrics
 from sora.text.tokenizer import SoraTokenizer
 from sora.train.distributed import finish, setup, teardown
 from sora.train.loop import TrainState, fit
 from sora.train.pretrain import build_model
-
-DEFAULT_METRIC = {"classification": "accuracy", "pair": "accuracy", "multilabel": "micro_f1",
-                  "regression": "pearson"}
 
 
 def init_model(init: str | None, recipe: FinetuneRecipe) -> tuple[SoraModel, SoraTokenizer, dict[str, Any]]:
@@ -60,42 +56,8 @@ def init_model(init: str | None, recipe: FinetuneRecipe) -> tuple[SoraModel, Sor
 
 
 def head_spec(task: TaskConfig, data: TaskData, backbone: bool = False) -> HeadSpec:
-    normalize = task.normalize if task.normalize is not None else backbone
-    return HeadSpec(type=task.type, pair=data.pair, pair_mode=task.pair_mode, labels=data.labels,
-                    dropout=task.head_dropout, normalize=normalize,
-                    metric=task.metric or DEFAULT_METRIC[task.type])
-
-
-def class_weights(data: TaskData) -> torch.Tensor | None:
-    """Inverse label frequency, scaled to mean 1 (multilabel: negatives / positives per label)."""
-    if not data.task.class_weights or data.labels is None:
-        return None
-    if data.task.type == "multilabel":
-        pos = label_tensor(data.train, "multilabel", data.labels).sum(0).clamp(min=1)
-        return (len(data.train) - pos) / pos
-    counts = Counter(ex.label for ex in data.train)
-    w = torch.tensor([len(data.train) / (len(data.labels) * max(counts.get(lb, 0), 1)) for lb in data.labels])
-    return w / w.mean()
-
-
-def task_metrics(spec: HeadSpec, scores: np.ndarray, data_examples, thresholds: np.ndarray | None = None
-                 ) -> dict[str, float]:
-    """The selection metrics (the full report is ``sora evaluate``'s job)."""
-    if spec.type == "regression":
-        y = np.array([ex.label for ex in data_examples], dtype=float)
-        return {"pearson": float(pearsonr(scores, y)[0]), "spearman": float(spearmanr(scores, y)[0]),
-                "mse": float(np.mean((scores - y) ** 2))}
-    labels = spec.labels or []
-    if spec.type == "multilabel":
-        y = label_tensor(data_examples, "multilabel", labels).numpy()
-        pred = scores >= (thresholds if thresholds is not None else 0.5)
-        return {"micro_f1": float(f1_score(y, pred, average="micro", zero_division=0)),
-                "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0))}
-    y = [labels.index(ex.label) for ex in data_examples]
-    pred = scores.argmax(1)
-    return {"accuracy": float(accuracy_score(y, pred)),
-            "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
-            "mcc": float(matthews_corrcoef(y, pred))}
+    """The head ``task``'s kind builds; codes are L2-normalised by default for an imported or adapted backbone."""
+    return kind_of(task).spec(task, data, task.normalize if task.normalize is not None else backbone)
 
 
 @torch.no_grad()
@@ -106,7 +68,7 @@ def _features(model: SoraModel, tokenizer: SoraTokenizer, name: str, examples, d
     from sora.data.tasks import make_batch
 
     spec, head = model.head_specs[name], model.heads[name]
-    enc = encode_examples(examples, data.pair, data.task.pair_mode, tokenizer, max_length)
+    enc = kind_of(spec).encode(examples, spec, tokenizer, max_length)
     return torch.cat([head.inputs(head_features(model, spec, make_batch(enc[i:i + 64], tokenizer.pad_id)))
                       for i in range(0, len(enc), 64)])
 
@@ -147,7 +109,8 @@ def init_head(model: SoraModel, tokenizer: SoraTokenizer, name: str, data: TaskD
     Kumar et al. 2022), folded back into the head's weights. Returns what was chosen.
     """
     spec = model.head_specs[name]
-    if how == "zero" or spec.type not in ("classification", "pair"):
+    kind = kind_of(spec)
+    if how == "zero" or not kind.probe_init:
         return {}
     was = model.training
     model.eval()
@@ -157,7 +120,7 @@ def init_head(model: SoraModel, tokenizer: SoraTokenizer, name: str, data: TaskD
         warnings.warn(f"task {name!r}: the starting model's codes barely differ between texts (spread "
                       f"{ratio:.1%} of their norm): the checkpoint looks collapsed, so its head starts weak; "
                       "pretrain longer or with the contrastive objective", SoraWarning, stacklevel=2)
-    y = label_tensor(data.train, spec.type, spec.labels)
+    y = kind.targets(data.train, spec.labels)
     n_labels = len(spec.labels or [])
     head = model.heads[name].out
     info: dict[str, float] = {}
@@ -177,7 +140,7 @@ def init_head(model: SoraModel, tokenizer: SoraTokenizer, name: str, data: TaskD
         xv = yv = None
         if data.validation:
             xv = ((_features(model, tokenizer, name, data.validation, data, max_length) - mu) / sd).numpy()
-            yv = label_tensor(data.validation, spec.type, spec.labels).numpy()
+            yv = kind.targets(data.validation, spec.labels).numpy()
         best = None
         for c in c_grid if xv is not None else (0.1,):
             clf = LogisticRegression(C=c, max_iter=2000).fit(xs, y.numpy())
@@ -228,6 +191,19 @@ def plan_steps(fcfg, per_epoch: int, per_class: float) -> tuple[int, int, str | 
     return every * math.ceil(steps / every), every, plan.name  # the last step is a validation
 
 
+def with_kind_defaults(recipe: FinetuneRecipe) -> FinetuneRecipe:
+    """The recipe with what it leaves to the task kinds filled in: tokens per example (the longest any task's
+    kind wants: 128 for texts, 384 for QA windows) and, for kinds with a training length of their own (QA's
+    2 epochs, as the SQuAD recipe), the epochs."""
+    kinds = [kind_of(t) for t in recipe.tasks]
+    data = recipe.data.model_copy(update={"max_length": recipe.data.max_length or max(k.max_length for k in kinds)})
+    fcfg = recipe.finetune
+    epochs = [k.epochs for k in kinds if k.epochs]
+    if not (fcfg.epochs or fcfg.max_steps) and epochs:
+        fcfg = fcfg.model_copy(update={"epochs": max(epochs)})
+    return recipe.model_copy(update={"data": data, "finetune": fcfg})
+
+
 def layer_lr_scale(model: SoraModel, decay: float, head_multiplier: float):
     """lr × decay^(depth below the top layer) for encoder layers; embeddings count as the lowest layer."""
     n = len(model.encoder.layers)
@@ -258,7 +234,8 @@ class Selector:
                  report: Callable[[int, float], None] | None = None):
         self.tasks, self.patience, self.report = tasks, patience, report
         self.evaluations = 0
-        self.encoded = {name: encode_examples(d.validation, d.pair, d.task.pair_mode, tokenizer, max_length)
+        self.encoded = {name: kind_of(model.head_specs[name]).encode(d.validation, model.head_specs[name],
+                                                                    tokenizer, max_length)
                         for name, d in tasks}
         self.tokenizer, self.batch_size = tokenizer, batch_size
         self.best: float | None = None
@@ -273,9 +250,8 @@ class Selector:
         primary = []
         for name, data in self.tasks:
             spec = model.head_specs[name]
-            s = predict_scores(model, self.tokenizer, name, self.encoded[name], self.batch_size)
-            m = task_metrics(spec, s, data.validation)
-            primary.append(m[spec.metric])
+            m = scalar_metrics(kind_of(spec).metrics(spec, self.predictions(model, name), data.validation))
+            primary.append(m.get(spec.metric, float("nan")))
             metrics.update({f"val_{name}_{k}" if len(self.tasks) > 1 else f"val_{k}": v for k, v in m.items()})
         score = float(np.mean(primary))
         score = score if math.isfinite(score) else float("-inf")  # e.g. pearson of constant predictions
@@ -291,6 +267,13 @@ class Selector:
             else:
                 self.bad += 1
         return metrics
+
+    def predictions(self, model: SoraModel, name: str) -> Any:
+        """Head ``name``'s predictions on its validation examples."""
+        spec, kind = model.head_specs[name], kind_of(model.head_specs[name])
+        data = dict(self.tasks)[name]
+        scores = kind.predict(model, self.tokenizer, name, self.encoded[name], self.batch_size)
+        return kind.predictions(spec, scores, data.validation, self.encoded[name])
 
     def on_step(self, state: TrainState, model: SoraModel) -> None:
         self.trained = True
@@ -315,37 +298,39 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
     it raises (a pruned trial) propagates out."""
     dist = setup(recipe.train.device)
     out = Path(recipe.output)
+    recipe = with_kind_defaults(recipe)
     fcfg, d = recipe.finetune, recipe.data
     try:
-        tasks = [(t.name, load_task(t, fcfg.seed)) for t in recipe.tasks]
+        tasks = [(t.name, kind_of(t).load(t, fcfg.seed)) for t in recipe.tasks]
         if len({n for n, _ in tasks}) != len(tasks):
             raise ConfigError("task names must be unique")
         torch.manual_seed(fcfg.seed)
         model, tokenizer, _ = init_model(fcfg.init, recipe)
         for name, data in tasks:
             if dist.is_main:
-                tokenizer.warn_unknown([t for ex in data.train for t in (ex.text, ex.text_b) if t],
-                                       f"task {name!r} ({data.task.data})")
+                tokenizer.warn_unknown(kind_of(data.task).texts(data.train), f"task {name!r} ({data.task.data})")
             add_head(model, name, head_spec(data.task, data, backbone=model.cfg.backbone is not None))
             init_head(model, tokenizer, name, data, d.max_length, fcfg.head_init, tuple(fcfg.probe_c))
         multi = len(tasks) > 1
         objectives: dict[str, tuple[float, torch.nn.Module]] = {
-            name: (data.task.weight, TaskLoss(name, data.task.type, class_weights(data), f"{name}/" if multi else "",
-                                              data.task.contrastive_weight, data.task.temperature))
+            name: (data.task.weight, TaskLoss(name, data.task.type, kind_of(data.task).class_weights(data),
+                                              f"{name}/" if multi else "", data.task.contrastive_weight,
+                                              data.task.temperature))
             for name, data in tasks}
         if fcfg.aux_denoise_weight > 0:
             if model.decoder is None and recipe.objectives[0].name != "mlm":  # MLM needs only the encoder
                 raise ConfigError("aux_denoise_weight > 0 needs a model with a decoder (or objectives: [{name: mlm}])")
             objectives["denoise"] = (fcfg.aux_denoise_weight, build_objective(recipe.objectives[0], prefix="aux_"))
 
-        encoded = {name: encode_examples(data.train, data.pair, data.task.pair_mode, tokenizer, d.max_length)
+        kinds = {name: kind_of(data.task) for name, data in tasks}
+        encoded = {name: kinds[name].encode(data.train, model.head_specs[name], tokenizer, d.max_length)
                    for name, data in tasks}
-        targets = {name: label_tensor(data.train, data.task.type, data.labels) for name, data in tasks}
-        per_epoch = max(math.ceil(len(data.train) / d.batch_size) for _, data in tasks)
+        targets = {name: kinds[name].training_targets(data.train, encoded[name], data.labels)
+                   for name, data in tasks}
+        per_epoch = max(math.ceil(len(encoded[name]) / d.batch_size) for name, _ in tasks)
         per_epoch = max(1, per_epoch // dist.world_size)
         largest = max((data for _, data in tasks), key=lambda t: len(t.train))
-        max_steps, eval_every, schedule = plan_steps(fcfg, per_epoch, len(largest.train) / max(
-            1, len(largest.labels or [])))
+        max_steps, eval_every, schedule = plan_steps(fcfg, per_epoch, kind_of(largest.task).per_class(largest))
         if dist.is_main and schedule:
             print(f"fine-tuning: {schedule} schedule ({len(largest.train):,} labelled examples), {max_steps} steps, "
                   f"validating every {eval_every}", flush=True)
@@ -361,10 +346,8 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
         rank_batches = len(range(dist.rank, longest_batches, dist.world_size))
 
         def batches(epoch: int):
-            from sora.data.tasks import task_batches
-
-            streams = [task_batches(encoded[n], targets[n], d.batch_size, tokenizer.pad_id, seed=fcfg.seed,
-                                    epoch=epoch, prefix=f"{n}/" if multi else "") for n, _ in tasks]
+            streams = [kinds[n].batches(encoded[n], targets[n], d.batch_size, tokenizer.pad_id, seed=fcfg.seed,
+                                        epoch=epoch, prefix=f"{n}/" if multi else "") for n, _ in tasks]
             # Every step carries one batch of each task (smaller tasks cycle) and, with α > 0, unlabeled text.
             longest = max(range(len(tasks)), key=lambda i: len(encoded[tasks[i][0]]))
             cycled = [s if i == longest else itertools.cycle(list(s)) for i, s in enumerate(streams)]
@@ -399,7 +382,9 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
         if dist.is_main:
             if selector.best_state is not None:
                 model.load_state_dict(selector.best_state)
-            _tune_thresholds(model, tokenizer, selector, d.max_length)
+            for name, data in selector.tasks:  # e.g. multilabel thresholds, on the chosen weights
+                spec = model.head_specs[name]
+                kind_of(spec).after_selection(spec, selector.predictions(model, name), data.validation)
             info["metadata"] = {"validation": selector.best_metrics, "train_examples": {
                 n: len(t.train) for n, t in tasks}, "steps": state.step}
             save_checkpoint(out / "model", model, tokenizer, info)
@@ -408,20 +393,6 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
         return summary
     finally:
         teardown()
-
-
-def _tune_thresholds(model: SoraModel, tokenizer: SoraTokenizer, selector: Selector, max_length: int) -> None:
-    """Multilabel heads: per-label thresholds that maximise F1 on validation."""
-    for name, data in selector.tasks:
-        spec = model.head_specs[name]
-        if spec.type != "multilabel":
-            continue
-        s = predict_scores(model, tokenizer, name, selector.encoded[name])
-        y = label_tensor(data.validation, "multilabel", spec.labels).numpy()
-        grid = np.linspace(0.05, 0.95, 19)
-        best = [max(grid, key=lambda t, j=j: f1_score(y[:, j], s[:, j] >= t, zero_division=0))
-                for j in range(y.shape[1])]
-        spec.thresholds = [float(t) for t in best]
 
 
 def _gradual_unfreeze(model: SoraModel, per_epoch: int):

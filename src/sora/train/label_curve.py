@@ -96,12 +96,12 @@ def run_label_curve(recipe_path: str | Path | None, overrides: dict[str, Any] | 
     Run directories (``out_dir/lpc-SIZE-seed-S``) keep ``model/`` and the test report, not ``checkpoints/``.
     """
     import sora
-    from sora.data.tasks import load_task
     from sora.evaluate.report import label_curve_plot
     from sora.evaluate.run import evaluate_checkpoint
-    from sora.evaluate.tune import raw_recipe
+    from sora.tasks import kind_of
     from sora.train.distributed import pick_device
-    from sora.train.finetune import DEFAULT_METRIC, run_finetune
+    from sora.train.finetune import run_finetune
+    from sora.train.tune import raw_recipe
 
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: must be at least 1")
@@ -111,16 +111,17 @@ def run_label_curve(recipe_path: str | Path | None, overrides: dict[str, Any] | 
     raw = raw_recipe(recipe_path, overrides)
     recipe = load_finetune_recipe(None, copy.deepcopy(raw))
     task = recipe.tasks[0]
-    if task.type == "regression":
-        raise ConfigError("label-curve samples N labelled examples per class: the first task must have classes "
-                          "(classification, pair or multilabel), not regression")
-    full = load_task(task.model_copy(update={"labels_per_class": None}), recipe.finetune.seed)
+    kind = kind_of(task)
+    if not kind.classes:
+        raise ConfigError(f"label-curve samples N labelled examples per class: the first task must have classes, "
+                          f"not {task.type}")
+    full = kind.load(task.model_copy(update={"labels_per_class": None}), recipe.finetune.seed)
     if not full.test:
         raise ConfigError(f"task {task.name!r}: label-curve scores on the test split; set tasks.0.test "
                           "(or use a data directory with test.*)")
     counts = Counter(str(ex.label[0] if isinstance(ex.label, list) else ex.label) for ex in full.train)
     largest = max(counts.values())
-    metric = task.metric or DEFAULT_METRIC[task.type]
+    metric = task.metric or kind.default_metric
     out = Path(out_dir) if out_dir else Path(f"{recipe.output.rstrip('/')}-label-curve")
     out.mkdir(parents=True, exist_ok=True)
     device = str(pick_device(recipe.train.device))

@@ -182,9 +182,9 @@ def _markdown(header: list[str], cells: list[list[str]], summary: dict[str, Any]
 
 
 def selection_metric(recipe: FinetuneRecipe) -> str:
-    from sora.train.finetune import DEFAULT_METRIC
+    from sora.tasks import kind_of
 
-    names = [t.metric or DEFAULT_METRIC[t.type] for t in recipe.tasks]
+    names = [t.metric or kind_of(t).default_metric for t in recipe.tasks]
     return names[0] if len(set(names)) == 1 and len(names) == 1 else "mean(" + ", ".join(names) + ")"
 
 
