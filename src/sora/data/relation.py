@@ -32,7 +32,6 @@ always inside the sequence.
 from __future__ import annotations
 
 import json
-import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ import torch
 
 from sora.data.batching import collate
 from sora.data.readers import detect_layout, read_records, resolve_split
+from sora.data.tasks import task_batches
 from sora.errors import ConfigError, DataError
 from sora.text.tokenizer import SoraTokenizer
 
@@ -388,23 +388,7 @@ def relation_batches(
     shuffle: bool = True,
     prefix: str = "",
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches over in-memory examples, ordered as task batches are: shuffled by ``(seed, epoch)``, sorted by
-    length within buckets of 50 batches (less padding), batch order shuffled; keys get ``prefix``."""
-    order = list(range(len(encoded)))
-    if shuffle:
-        rng = random.Random(f"{seed}/{epoch}")
-        rng.shuffle(order)
-        bucket = batch_size * 50
-        order = [
-            i
-            for s in range(0, len(order), bucket)
-            for i in sorted(order[s : s + bucket], key=lambda i: len(encoded[i]["ids"]))
-        ]
-    chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-    if shuffle:
-        rng.shuffle(chunks)
-    for idx in chunks:
-        batch = make_relation_batch([encoded[i] for i in idx], pad_id)
-        if targets is not None:
-            batch["labels"] = targets[idx]
-        yield {prefix + k: v for k, v in batch.items()}
+    """Batches over in-memory examples, ordered as task batches are (``data.tasks.task_batches``), with the
+    entity positions."""
+    return task_batches(encoded, targets, batch_size, pad_id, seed=seed, epoch=epoch, shuffle=shuffle, prefix=prefix,
+                        collate_rows=make_relation_batch)

@@ -10,12 +10,14 @@ from sora.tasks.base import TaskKind, scalar_metrics
 from sora.tasks.classification import Classification, Pair
 from sora.tasks.multilabel import Multilabel
 from sora.tasks.regression import Regression
+from sora.tasks.relation import Relation
 
 KINDS: dict[str, TaskKind] = {kind.name: kind for kind in (
     Classification(),
     Pair(),
     Multilabel(),
     Regression(),
+    Relation(),
 )}
 
 
