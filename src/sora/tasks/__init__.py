@@ -9,6 +9,7 @@ from sora.errors import ConfigError
 from sora.tasks.base import TaskKind, scalar_metrics
 from sora.tasks.classification import Classification, Pair
 from sora.tasks.multilabel import Multilabel
+from sora.tasks.qa import QA
 from sora.tasks.regression import Regression
 from sora.tasks.relation import Relation
 
@@ -18,6 +19,7 @@ KINDS: dict[str, TaskKind] = {kind.name: kind for kind in (
     Multilabel(),
     Regression(),
     Relation(),
+    QA(),
 )}
 
 
