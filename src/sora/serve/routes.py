@@ -39,7 +39,7 @@ from sora.serve.schemas import (
 from sora.tasks import kind_of
 
 # Modules imported by ``mount`` so that their ``@route`` declarations register.
-PLUGINS: list[str] = []
+PLUGINS: list[str] = ["sora.serve.answer"]
 
 
 def _error(description: str) -> dict[str, Any]:
