@@ -75,9 +75,9 @@ class SoraStepper:
     def __init__(self, rows: list[tuple[str, str]], max_length: int, batch_size: int, device: torch.device):
         from sora.config import FinetuneRecipe, TrainConfig
         from sora.data.tasks import Example, encode_examples
-        from sora.tasks import kind_of
         from sora.models.heads import HeadSpec, add_head
         from sora.objectives import TaskLoss
+        from sora.tasks import kind_of
         from sora.train.finetune import init_model, layer_lr_scale
         from sora.train.loop import TrainUnit, _optimizer, lr_lambda
 

@@ -72,7 +72,7 @@ DATA_SEED = 13  # which questions are sampled: the same for every system and eve
 SORA_FINETUNE = ("sora finetune --init {init} --data {data} --task-type qa --seed {seed} -o {out} --epochs {epochs} "
                  "--max-length {max_length} --no-progress")
 SORA_DEFAULT_STRIDE = 128
-X
+SORA_STRIDE = " --set tasks.0.options.stride={stride}"  # the qa kind's option (sora.tasks.qa.QAOptions)
 SORA_EVALUATE = "sora evaluate {model} --data {data} --split test -o {report}"
 SORA_PRETRAIN = ("sora pretrain recipes/pretrain-scratch.yaml --train {train} --validation {validation} --column text "
                  "--max-steps {steps} --seed {seed} -o {out} --no-progress")

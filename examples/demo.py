@@ -27,6 +27,12 @@ SAMPLE = ROOT / "examples" / "sample"
 RUN = ROOT / "runs" / "demo"
 
 
+QUESTIONS = [("Where did the parcel leave from?", "Ticket 7: Ana wrote in about a parcel. The parcel left our "
+              "warehouse in Lyon on Monday. Support agent Tom promised an update within two hours."),
+             ("Who wrote in?", "Ticket 8: Kofi wrote in about a refund. The refund left our warehouse in Perth on "
+              "Friday. Support agent Mei promised an update within 24 hours.")]
+
+
 def sora_cli(*args: str) -> None:
     print(f"\n$ sora {' '.join(args)}", flush=True)
     subprocess.run([sys.executable, "-m", "sora.cli", *args], check=True, cwd=ROOT)
@@ -65,6 +71,9 @@ def serve_once(checkpoint: Path, queries: list[str]) -> None:
             print("  POST /v1/embed   shape:", client.embed(queries[:2]).shape)
             for q, p in zip(queries, client.predict(queries), strict=True):
                 print(f"  POST /v1/predict {p['task']['label']:>15}  {q}")
+            if "answers" in info.get("tasks", {}):
+                for (q, _c), a in zip(QUESTIONS, client.answer(QUESTIONS), strict=True):
+                    print(f"  POST /v1/answer  {a['answer']!r:>12}  {q}")
         metrics = httpx.get(f"{url}/metrics", timeout=5).text
         print("  GET  /metrics    ", sum(ln.startswith("sora_requests_total") for ln in metrics.splitlines()),
               "request-count series")
@@ -135,7 +144,15 @@ def main() -> None:
     report = json.loads((clf / "eval-task-test" / "metrics.json").read_text())
     print(f"\ntest accuracy {report['accuracy']:.3f}; the classic baseline, TF-IDF + logistic regression on the same "
           f"labels: {tfidf_baseline():.3f}")
-    serve_once(clf, queries)
+
+    # Extractive question answering on a tiny support-ticket set (examples/qa), added as a second head.
+    both = RUN.parent / "demo-tickets"
+    sora_cli("finetune", "--init", str(clf.relative_to(ROOT)), "--data", "examples/qa", "--task-type", "qa",
+             "--set", "tasks.0.name=answers", "-o", str(both.relative_to(ROOT)), "--no-progress")
+    sora_cli("evaluate", str(both.relative_to(ROOT)), "--task", "answers")
+    for (q, _c), a in zip(QUESTIONS, sora.load(both).answer(QUESTIONS), strict=True):
+        print(f"  {a['answer']!r:>12} ({a['score']:.2f})  {q}")
+    serve_once(both, queries)
     print(f"demo finished in {time.time() - t0:.0f} s")
 
 

@@ -430,7 +430,6 @@ def test_labeled_text_with_a_delimited_header(tmp_path: Path):
 
 
 def test_labels_in_plain_text_name_the_cause(tmp_path: Path):
-    from sora.data.tasks import read_examples
     from sora.tasks import kind_of
 
     rules = kind_of("classification")

@@ -25,10 +25,10 @@ from safetensors.torch import load_file
 
 import sora
 from sora.config import TaskConfig, load_finetune_recipe, load_recipe
-from sora.tasks import kind_of
 from sora.errors import ConfigError, DataError, SoraError
 from sora.evaluate.run import evaluate_checkpoint
 from sora.models.autoencoder import SoraModel
+from sora.tasks import kind_of
 from sora.train.finetune import layer_lr_scale, run_finetune
 from sora.train.pretrain import run_pretrain
 

@@ -134,7 +134,8 @@ def test_qa_bad_input_gets_one_clear_error(qa_model, tmp_path):
         model.answer("Who wrote in?")
     bad = tmp_path / "bad"
     bad.mkdir()
-    row = {"id": "x", "question": "Who?", "context": "Ana wrote in.", "answers": {"text": ["Ana"], "answer_start": [40]}}
+    row = {"id": "x", "question": "Who?", "context": "Ana wrote in.",
+           "answers": {"text": ["Ana"], "answer_start": [40]}}
     write_jsonl(bad / "test.jsonl", [row])
     with pytest.raises(SoraError, match=r"test.jsonl:1: .*answer_start 40"):
         evaluate_checkpoint(model, str(bad), "test")

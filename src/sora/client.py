@@ -124,6 +124,18 @@ class SoraClient:
             rows.extend(self._request("POST", "/v1/predict", body).json()["predictions"])
         return rows
 
+    def answer(self, questions: Sequence[tuple[str, str]], task: str | None = None) -> list[dict[str, Any]]:
+        """Answers to (question, context) pairs from the model's QA head, as ``Sora.answer``."""
+        items = list(questions)
+        n = self._chunk()
+        rows: list[dict[str, Any]] = []
+        for i in range(0, len(items), n):
+            body: dict[str, Any] = {"questions": [{"question": q, "context": c} for q, c in items[i : i + n]]}
+            if task:
+                body["task"] = task
+            rows.extend(self._request("POST", "/v1/answer", body).json()["answers"])
+        return rows
+
 
 def _retry_after(response: httpx.Response, default: float) -> float:
     try:
