@@ -19,7 +19,7 @@ Evaluation sets: squad_v1_test (the second half of the official dev set, by arti
 system trains on any of it; --max-xquad), both scored by sora.evaluate.squad (evaluate-v1.1.py semantics);
 cmrc2018's test split (the official dev set) by the CMRC 2018 metric.
 
-    python bench/qa.py --quick --systems hf --threads 1       # < 2 minutes: 160 questions, length 128 / stride 32
+    python bench/qa.py --quick --systems hf --threads 1       # < 2 minutes: 120 questions, 128 / 32
     python bench/qa.py --threads 2                            # CPU budget: 8,000 questions, 1 epoch
     python bench/qa.py --device cuda                          # the full train set, 2 epochs (the README's)
 
@@ -87,8 +87,8 @@ BUDGETS = {  # train questions, epochs, max length, stride, validation cap, test
             "max_test": None, "max_xquad": None, "scratch_steps": 2000},
     "cuda": {"train_questions": None, "epochs": 2.0, "max_length": 384, "stride": 128, "max_val": 1000,
              "max_test": None, "max_xquad": None, "scratch_steps": 20000},
-    "quick": {"train_questions": 160, "epochs": 1.0, "max_length": 128, "stride": 32, "max_val": 40,
-              "max_test": 40, "max_xquad": 40, "scratch_steps": 20},
+    "quick": {"train_questions": 120, "epochs": 1.0, "max_length": 128, "stride": 32, "max_val": 30,
+              "max_test": 30, "max_xquad": 30, "scratch_steps": 20},
 }
 
 
@@ -300,13 +300,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}")
     p.add_argument("--json", type=Path, default=None, help="output file (default bench/results/qa[.quick].json)")
     p.add_argument("--train-questions", type=int, default=None,
-                   help="training questions (CPU 8000, cuda all 87,599, quick 160); cmrc2018: at most its 10,142")
+                   help="training questions (CPU 8000, cuda all 87,599, quick 120); cmrc2018: at most its 10,142")
     p.add_argument("--epochs", type=float, default=None, help="epochs for both systems (CPU 1, cuda 2, quick 1)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per window (384; quick 128)")
     p.add_argument("--stride", type=int, default=None, help="doc stride, overlapping tokens (128; quick 32)")
-    p.add_argument("--max-val", type=int, default=None, help="Sora's validation questions (1000; quick 40)")
-    p.add_argument("--max-test", type=int, default=None, help="test questions (default all; quick 40)")
-    p.add_argument("--max-xquad", type=int, default=None, help="xquad_en questions (default all 1,190; quick 40)")
+    p.add_argument("--max-val", type=int, default=None, help="Sora's validation questions (1000; quick 30)")
+    p.add_argument("--max-test", type=int, default=None, help="test questions (default all; quick 30)")
+    p.add_argument("--max-xquad", type=int, default=None, help="xquad_en questions (default all 1,190; quick 30)")
     p.add_argument("--scratch-steps", type=int, default=None, help="sora_scratch pretraining steps (CPU 2000, "
                    "cuda 20000, quick 20)")
     p.add_argument("--sora-schedule", choices=("same", "own"), default="same",
@@ -382,7 +382,8 @@ def main() -> None:
         log("hf (squad_v1)")
         record("hf", lambda: hf_qa_run(squad, args, b, device))
     equal = None
-    if args.equal_steps == "auto" and steps.get("sora") and steps.get("hf") and steps["sora"] != steps["hf"]:
+    differ = steps.get("sora") and steps.get("hf") and steps["sora"] != steps["hf"]
+    if args.equal_steps == "auto" and not args.quick and differ:  # quick: no rerun (its 2 minutes)
         log(f"hf at Sora's {steps['sora']} optimizer steps (HF ran {steps['hf']})")
         info = record("hf_at_sora_steps", lambda: hf_qa_run(squad, args, b, device, max_steps=steps["sora"]))
         equal = {"sora_steps": steps["sora"], "hf_steps": steps["hf"], "ran": "hf_at_sora_steps" if info else "failed"}

@@ -41,6 +41,7 @@ from sora.train.pretrain import run_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "sample"
+QA = ROOT / "examples" / "qa"
 SORA = [sys.executable, "-m", "sora.cli"]
 LABELS = ["billing", "delivery", "finance_news", "product_review"]
 KEY = "test-key-0123456789"
@@ -66,7 +67,8 @@ LIMITS_ENV = {MAX_BODY_ENV: "16384", BODY_TIMEOUT_ENV: "1.5"}  # the "limits" se
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    """Pretrain the tiny native model, then fine-tune a pair head and two single-text heads on examples/sample."""
+    """Pretrain the tiny native model, then fine-tune a pair head and two single-text heads on examples/sample,
+    and a question-answering head on examples/qa."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("serve-model")
@@ -80,12 +82,13 @@ def model_dir(tmp_path_factory) -> Path:
     run_pretrain(load_recipe(None, {**TINY_PRETRAIN, "data.train": str(SAMPLE / "train.jsonl"),
                                     "output": str(tmp / "pre"), "train.max_steps": 30}))
     init = tmp / "pre"
-    for name, data, kind in [("same_topic", pairs, "pair"), ("topic", SAMPLE, "classification"),
-                             ("topic_copy", SAMPLE, "classification")]:
+    qa = {"data.max_length": 48, "tasks.0.options": {"stride": 16}, "finetune.epochs": 1}  # a QA head: /v1/answer
+    for name, data, kind, extra in [("answers", QA, "qa", qa), ("same_topic", pairs, "pair", {}),
+                                    ("topic", SAMPLE, "classification", {}), ("topic_copy", SAMPLE, "classification", {})]:
         out = tmp / name
         run_finetune(load_finetune_recipe(None, {**FT_BASE, "finetune.init": str(init), "output": str(out),
                                                  "tasks.0.name": name, "tasks.0.data": str(data),
-                                                 "tasks.0.type": kind}))
+                                                 "tasks.0.type": kind, **extra}))
         init = out
     torch.set_num_threads(before)
     return init
@@ -449,7 +452,7 @@ def test_metrics(url):
     for name in ("sora_queue_duration_seconds_count", "sora_inference_duration_seconds_count", "sora_batch_size_count"):
         assert values[(name, ())] > 0, name
     info = [k for k in values if k[0] == "sora_model_info"]
-    assert len(info) == 1 and ("tasks", "same_topic,topic,topic_copy") in info[0][1]
+    assert len(info) == 1 and ("tasks", "answers,same_topic,topic,topic_copy") in info[0][1]
     assert values[("sora_inflight_requests", ())] >= 1  # this scrape itself
     assert values[("sora_queue_depth", ())] == 0
 
@@ -565,7 +568,7 @@ def test_schemathesis_finds_no_server_errors(url, tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, timeout=120,
                           env={**os.environ, "SCHEMATHESIS_HOOKS": str(tmp_path / "non_finite_hook.py")})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "No issues found" in proc.stdout
+    assert "No issues found" in proc.stdout, proc.stdout[-4000:]
     sent = (tmp_path / "non-finite.log").read_text().splitlines()
     assert len(sent) >= 5 and all(any(token in line for line in sent) for token in ("NaN", "Infinity", "1e400")), sent
 

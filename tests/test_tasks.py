@@ -129,7 +129,8 @@ def test_qa_trains_and_its_answers_are_exact_spans_of_the_context(qa_model):
 def test_qa_bad_input_gets_one_clear_error(qa_model, tmp_path):
     model = sora.load(qa_model)
     with pytest.raises(SoraError, match="an empty context"):
-        model.answer("Who wrote in?", " ")
+        model.answer("Who wrote in?", "")
+    assert model.answer("Who wrote in?", "   ")["answer"] == ""  # blanks: no span to give
     with pytest.raises(SoraError, match="needs its context"):
         model.answer("Who wrote in?")
     bad = tmp_path / "bad"

@@ -67,7 +67,9 @@ class QA(TaskKind):
             row = item if isinstance(item, dict) else dict(zip(("question", "context"), item, strict=True))
             question, context = row.get("question"), row.get("context")
             for key, value in (("question", question), ("context", context)):
-                if not isinstance(value, str) or not value.strip():
+                # Only "" is refused: a context of blanks is a question without an answer (answer ""), as the
+                # server's schema (non-empty strings) has it.
+                if not isinstance(value, str) or not value:
                     what = "no" if value is None else "an empty" if isinstance(value, str) else "a non-text"
                     raise DataError(f"question {i}: {what} {key}")
             out.append(QAExample(str(row.get("id", i)), question, context, [], [], i))
@@ -146,8 +148,12 @@ class QA(TaskKind):
                     encoded: list[dict[str, Any]]) -> list[dict[str, Any]]:
         opt = self.options(spec)
         features = [r["feature"] for r in encoded]
-        return best_answers(examples, features, [s[:, 0] for s in scores], [s[:, 1] for s in scores],
-                            opt.n_best, opt.max_answer_length)
+        found = best_answers(examples, features, [s[:, 0] for s in scores], [s[:, 1] for s in scores],
+                             opt.n_best, opt.max_answer_length)
+        for a in found:  # a span of blanks (a context of blanks) is no answer
+            if not a["answer"].strip():
+                a.update(answer="", start=0, end=0)
+        return found
 
     def format(self, spec: HeadSpec, s: dict[str, Any]) -> dict[str, Any]:
         score = s["score"]

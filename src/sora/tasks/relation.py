@@ -29,6 +29,9 @@ class Relation(TaskKind):
     default_metric = "macro_f1"
     report = "relation"
     headline = ("macro_f1", "accuracy", "micro_f1", "n")
+    # A head that starts from nothing on the entity states (no probe initialisation as for the pooled code) needs
+    # more than the full-data schedule's one capped epoch: 3 epochs, as the HF Trainer's default.
+    epochs = 3.0
 
     def read_split(self, path: str | Path, task: TaskConfig, split: str, pair: bool | None,
                    require_labels: bool = True) -> tuple[list[RelationExample], bool]:
