@@ -202,7 +202,8 @@ def test_metadata_recorded(compressed, finetuned):
 
 def test_gate_refuses_and_writes_nothing(finetuned, tmp_path):
     out = tmp_path / "refused"
-    with pytest.raises(SoraError, match=r"accuracy dropped by -?[\d.]+ points > max -1000; use --warn-only"):
+    with pytest.raises(SoraError, match=r"validation accuracy of .task. dropped by -?[\d.]+ points > max -1000; "
+                                        r"use --warn-only"):
         compress(finetuned, out, "int8", max_drop=-ALWAYS)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 

@@ -83,8 +83,9 @@ def model_dir(tmp_path_factory) -> Path:
                                     "output": str(tmp / "pre"), "train.max_steps": 30}))
     init = tmp / "pre"
     qa = {"data.max_length": 48, "tasks.0.options": {"stride": 16}, "finetune.epochs": 1}  # a QA head: /v1/answer
-    for name, data, kind, extra in [("answers", QA, "qa", qa), ("same_topic", pairs, "pair", {}),
-                                    ("topic", SAMPLE, "classification", {}), ("topic_copy", SAMPLE, "classification", {})]:
+    heads = [("answers", QA, "qa", qa), ("same_topic", pairs, "pair", {}), ("topic", SAMPLE, "classification", {}),
+             ("topic_copy", SAMPLE, "classification", {})]
+    for name, data, kind, extra in heads:
         out = tmp / name
         run_finetune(load_finetune_recipe(None, {**FT_BASE, "finetune.init": str(init), "output": str(out),
                                                  "tasks.0.name": name, "tasks.0.data": str(data),
@@ -711,8 +712,9 @@ def test_a_stalled_upload_does_not_hold_the_sigterm_drain(servers):
         wait_for_metric(server.url, "sora_inflight_requests", 2)
         t0 = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
-        assert server.proc.wait(10) == 0, server.output()
-        assert time.monotonic() - t0 < 8.0
+        # Well under --graceful-timeout's 30 s (a loaded 2-core CI machine took 9 s for what takes 2 s idle).
+        assert server.proc.wait(25) == 0, server.output()
+        assert time.monotonic() - t0 < 25.0
         assert read_response(sock)[0] == 408
 
 

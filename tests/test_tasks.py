@@ -251,3 +251,43 @@ def test_sample_dir_still_trains_classification(tiny, tmp_path):
                                                        "tasks.0.data": str(SAMPLE), "data.max_length": 32,
                                                        "finetune.epochs": 1}))
     assert "val_accuracy" in summary["validation"]
+
+
+@pytest.mark.parametrize("method", ["onnx", "int8", "prune"])
+def test_qa_head_survives_compression_with_its_f1_gate(qa_model, tmp_path, method):
+    """The QA head reads every token state: the ONNX graph exports them, int8 and pruning keep the head, and the
+    gate measures F1 (percentage points) through the path that is served."""
+    from sora.compress import compress
+
+    out = tmp_path / method
+    result = compress(qa_model, out, method, warn_only=True, latency_texts=8, latency_repeats=1)
+    assert "f1" in str(result["validation_before"]) and result["accuracy_drop_points"] < 100
+    rows = [json.loads(line) for line in (QA_DATA / "test.jsonl").read_text().splitlines()][:4]
+    small = sora.load(out)
+    assert (small.onnx is not None) == (method == "onnx")
+    for r, a in zip(rows, small.answer([(r["question"], r["context"]) for r in rows]), strict=True):
+        assert a["answer"] == r["context"][a["start"]:a["end"]]
+    if method == "onnx":  # fp32 ONNX: the same answers as PyTorch
+        torch_answers = sora.load(qa_model).answer([(r["question"], r["context"]) for r in rows])
+        assert [a["answer"] for a in small.answer([(r["question"], r["context"]) for r in rows])] == \
+            [a["answer"] for a in torch_answers]
+
+
+def test_sora_predict_answers_a_jsonl_of_questions(qa_model, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "answers.jsonl"
+    cmd = [sys.executable, "-m", "sora.cli", "predict", str(qa_model), str(QA_DATA / "test.jsonl"), "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 32
+    for r in rows:
+        a = r["predictions"]["answers"]
+        assert a["answer"] == r["context"][a["start"]:a["end"]]
+    missing = tmp_path / "q.jsonl"
+    write_jsonl(missing, [{"question": "Who wrote in?", "text": "Ana wrote in."}])
+    proc = subprocess.run([*cmd[:5], str(missing), "-o", str(tmp_path / "x.jsonl")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "q.jsonl:1: no column 'context'" in proc.stderr, proc.stderr

@@ -233,6 +233,7 @@ def predict(
     import sora
     from sora.data.readers import detect_layout, read_records, resolve_split, text_value
     from sora.errors import DataError
+    from sora.tasks import kind_of
 
     suffix = output.suffix.lower()
     if suffix not in (".jsonl", ".csv"):
@@ -242,7 +243,9 @@ def predict(
         from sora.client import SoraClient
 
         client = SoraClient(url, api_key=os.environ.get("SORA_API_KEY"), batch_size=batch_size)
-        pair = any(s["pair"] for n, s in client.models()["tasks"].items() if task in (None, n))
+        cards = {n: s for n, s in client.models()["tasks"].items() if task in (None, n)}
+        pair = any(s["pair"] for s in cards.values())
+        kinds = {n: kind_of(s["type"]) for n, s in cards.items()}
     else:
         model = sora.load(checkpoint, device=device, dtype=dtype)
         if not model.model.head_specs:
@@ -250,8 +253,16 @@ def predict(
             raise SoraError(f"{checkpoint}: {kind} with no task heads, so nothing to predict (embed with it: "
                             f"sora embed {checkpoint} ...; or fine-tune it first: sora finetune --init {checkpoint})")
         pair = any(s.pair for n, s in model.model.head_specs.items() if task in (None, n))
+        kinds = {n: kind_of(s) for n, s in model.model.head_specs.items() if task in (None, n)}
+    # A kind with inputs of its own (QA: question and context) reads those columns; with several heads, choose one.
+    own = {n: k.input_columns for n, k in kinds.items() if k.input_columns}
+    if own and len(kinds) > 1:
+        raise SoraError(f"task {next(iter(own))!r} reads {' and '.join(next(iter(own.values())))} columns: choose "
+                        f"it (or another task) with --task (tasks: {', '.join(kinds)})")
     path = resolve_split(input)
     wanted = [text_column or "text", "text_a", text_b_column] if pair else [text_column or "text"]
+    if own:
+        wanted = list(next(iter(own.values())))
     layout = detect_layout(path, None, delimiter, wanted)
     rows = list(read_records(path, layout=layout))
     if not rows:
@@ -259,7 +270,7 @@ def predict(
     if text_column is None:
         first = rows[0][1]
         text_column = "text_a" if pair and "text_a" in first and "text" not in first else "text"
-    columns = [text_column, text_b_column] if pair else [text_column]
+    columns = ([text_column, text_b_column] if pair else [text_column]) if not own else wanted
     records, inputs = [], []
     for line, r in rows:
         absent = [c for c in columns if c not in r]
@@ -268,7 +279,11 @@ def predict(
         texts = [text_value(layout, line, r, c) for c in columns]
         records.append(r)
         inputs.append(tuple(texts) if pair else texts[0])
-    preds = client.predict(inputs, tasks=task) if url else model.predict(inputs, task=task, batch_size=batch_size)
+    if url and own:  # a question-answering head is served by /v1/answer
+        name = next(iter(own))
+        preds = [{name: a} for a in client.answer(inputs, task=name)]
+    else:
+        preds = client.predict(inputs, tasks=task) if url else model.predict(inputs, task=task, batch_size=batch_size)
 
     def write(tmp: Path) -> None:
         if suffix == ".jsonl":

@@ -275,7 +275,7 @@ def compress(checkpoint: str | Path, out: str | Path, method: str, *, prune_head
         importance = head_importance(model, batches)
         plan = plan_pruning(importance, prune_heads, prune_layers, layer_order)
         params.update(layer_order=layer_order, importance="michel2019-gate-gradient", importance_data=used,
-                      importance_examples=min(importance_examples, sum(len(b[1]["labels"]) for b in batches)))
+                      importance_examples=min(importance_examples, sum(len(b[1]["input_ids"]) for b in batches)))
         result["pruning"] = {k: plan[k] for k in ("dropped_layers", "heads_before", "heads_after")}
         result["pruning"]["layer_heads"] = [len(h) for h in plan["heads"]]
     compact = apply_pruning(model, plan, keep_decoder=keep_decoder)
@@ -330,8 +330,8 @@ def compress(checkpoint: str | Path, out: str | Path, method: str, *, prune_head
         result["code_cosine"] = mean_cosine(task_codes(model.embed, sets[0], pad),
                                             task_codes(encoder.embed, sets[0], pad))
         before, after = evaluate(model, model, sets, tokenizer), evaluate(heads_model, encoder, sets, tokenizer)
-        drops = {ts.name: 100 * (primary(before[ts.name], ts.spec)[1] - primary(after[ts.name], ts.spec)[1])
-                 for ts in sets}
+        drops = {ts.name: kind_of(ts.spec).points * (primary(before[ts.name], ts.spec)[1]
+                                                     - primary(after[ts.name], ts.spec)[1]) for ts in sets}
         drop = max(drops.values())
         timing_set = _subsample(sets[0].encoded, latency_texts)
         timed = latency({"before": model.embed, "after": encoder.embed}, timing_set, pad, batch_size,
@@ -348,7 +348,9 @@ def compress(checkpoint: str | Path, out: str | Path, method: str, *, prune_head
             params=params, max_drop=max_drop)
         warning = None
         if drop > max_drop:
-            msg = f"accuracy dropped by {drop:.2f} points > max {max_drop:g}"
+            worst = max(drops, key=drops.get)
+            metric = primary(before[worst], next(ts.spec for ts in sets if ts.name == worst))[0]
+            msg = f"validation {metric} of {worst!r} dropped by {drop:.2f} points > max {max_drop:g}"
             if not warn_only:
                 raise SoraError(f"{msg}; use --warn-only to keep it")
             warning = f"{msg}; kept (--warn-only)"

@@ -2,8 +2,9 @@
 
 The graph takes ``input_ids`` and ``attention_mask`` (int64, 1 = token; plus ``token_type_ids`` for
 BERT-style backbones, which cross-encoded pairs need) with dynamic batch and sequence axes, and returns
-``code`` (batch, code_dim). Every head, pairs included, reads codes from this graph (a siamese pair runs it
-once per side); the heads themselves stay in PyTorch. Export uses the TorchScript exporter at opset 17, which
+``code`` (batch, code_dim) and ``states`` (batch, sequence, dim), the token states that span (QA) and relation
+heads read. Every head, pairs included, reads from this graph (a siamese pair runs it once per side); the heads
+themselves stay in PyTorch. Export uses the TorchScript exporter at opset 17, which
 writes ``F.scaled_dot_product_attention`` out as MatMul/Softmax (checked: max |Δ| ~1e-6 against PyTorch);
 should it ever fail, ``attention="math"`` (tried automatically) writes the same attention with plain ops.
 The export traces a private copy of the model set up for tracing (no unpadding; the attention chosen), so
@@ -27,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from sora.errors import missing
-from sora.models.autoencoder import SoraModel
+from sora.errors import SoraError, missing
+from sora.models.autoencoder import EncoderOutput, SoraModel
 from sora.models.transformer import Attention
 
 OPSET = 17
@@ -43,8 +44,9 @@ class _CodeModule(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model.embed(input_ids, attention_mask.bool(), token_type_ids)
+                token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model.run(input_ids, attention_mask.bool(), token_type_ids)
+        return out.code, out.states
 
 
 def export_onnx(model: SoraModel, path: str | Path, sample: dict[str, torch.Tensor],
@@ -65,7 +67,8 @@ def export_onnx(model: SoraModel, path: str | Path, sample: dict[str, torch.Tens
     if model.cfg.type_vocab_size:
         args.append(torch.zeros_like(ids))
         names.append(INPUTS[2])
-    axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"code": {0: "batch"}}
+    axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"code": {0: "batch"},
+                                                                 "states": {0: "batch", 1: "sequence"}}
     kinds = ["sdpa", "math"] if attention == "auto" else [attention]
     for i, kind in enumerate(kinds):
         for m in traced.modules():
@@ -74,7 +77,7 @@ def export_onnx(model: SoraModel, path: str | Path, sample: dict[str, torch.Tens
         try:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python branches
-                torch.onnx.export(module, tuple(args), str(path), input_names=names, output_names=["code"],
+                torch.onnx.export(module, tuple(args), str(path), input_names=names, output_names=["code", "states"],
                                   dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
             return kind
         except Exception:
@@ -125,14 +128,27 @@ class OnnxEncoder:
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def codes(self, ids: np.ndarray, mask: np.ndarray, token_type_ids: np.ndarray | None = None) -> np.ndarray:
+    def _feed(self, ids: np.ndarray, mask: np.ndarray, token_type_ids: np.ndarray | None) -> dict[str, np.ndarray]:
         ids = np.asarray(ids, dtype=np.int64)
         feed = {"input_ids": ids, "attention_mask": np.asarray(mask).astype(np.int64)}
         if "token_type_ids" in self.input_names:
             feed["token_type_ids"] = (np.zeros_like(ids) if token_type_ids is None
                                       else np.asarray(token_type_ids, dtype=np.int64))
-        return self.session.run(["code"], feed)[0]
+        return feed
+
+    def codes(self, ids: np.ndarray, mask: np.ndarray, token_type_ids: np.ndarray | None = None) -> np.ndarray:
+        return self.session.run(["code"], self._feed(ids, mask, token_type_ids))[0]
+
+    def run(self, ids: torch.Tensor, mask: torch.Tensor, type_ids: torch.Tensor | None = None) -> EncoderOutput:
+        """The same call as ``SoraModel.run``: token states and code, for heads that read the tokens."""
+        if "states" not in self.output_names:
+            raise SoraError(f"{self.path}: this ONNX export has no token states (made before span and relation "
+                            "heads); run sora compress again on the uncompressed checkpoint")
+        types = None if type_ids is None else type_ids.cpu().numpy()
+        code, states = self.session.run(["code", "states"], self._feed(ids.cpu().numpy(), mask.cpu().numpy(), types))
+        return EncoderOutput(torch.from_numpy(states).to(ids.device), mask, torch.from_numpy(code).to(ids.device))
 
     def embed(self, ids: torch.Tensor, mask: torch.Tensor, type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The same call as ``SoraModel.embed``, for code that takes either."""

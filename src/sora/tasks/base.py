@@ -40,6 +40,8 @@ class TaskKind:
     probe_init: ClassVar[bool] = False  # the head can start as a logistic-regression probe of the codes
     report: ClassVar[str] = "classification"  # the kind named in ``sora evaluate``'s report
     headline: ClassVar[tuple[str, ...]] = ()  # the report's headline metrics, in order (empty: every number)
+    input_columns: ClassVar[tuple[str, ...] | None] = None  # what ``sora predict`` reads (None: text / text_b)
+    points: ClassVar[float] = 100.0  # metric points per unit of its metrics (fractions: 100; percentages: 1)
     answers: ClassVar[bool] = False  # its heads answer questions: ``Sora.answer``, ``POST /v1/answer``
     max_length: ClassVar[int] = 128  # tokens per example when the recipe sets no data.max_length
     epochs: ClassVar[float | None] = None  # training length when the recipe sets none (None: finetune.SCHEDULES)

@@ -46,6 +46,8 @@ class QA(TaskKind):
     pair_input = True  # (question, context)
     report = "qa"
     answers = True
+    input_columns = ("question", "context")
+    points = 1.0  # EM and F1 are percentages, as the official scripts print
     headline = ("exact_match", "f1", "n")
     max_length = 384
     epochs = 2.0  # the SQuAD recipe of run_qa's README

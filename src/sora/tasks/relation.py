@@ -32,6 +32,7 @@ class Relation(TaskKind):
     # A head that starts from nothing on the entity states (no probe initialisation as for the pooled code) needs
     # more than the full-data schedule's one capped epoch: 3 epochs, as the HF Trainer's default.
     epochs = 3.0
+    points = 1.0  # the official scorer's percentages
 
     def read_split(self, path: str | Path, task: TaskConfig, split: str, pair: bool | None,
                    require_labels: bool = True) -> tuple[list[RelationExample], bool]:
