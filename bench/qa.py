@@ -16,7 +16,7 @@ Systems
 
 Evaluation sets: squad_v1_test (the second half of the official dev set, by article; --max-test) and xquad_en
 (all 1,190 XQuAD questions: its three splits are only an article partition of an evaluation-only set, and no
-system trains on any of it; --max-xquad), both scored by sora.evaluate.squad (evaluate-v1.1.py semantics);
+system trains on any of it; --max-xquad), both scored by sora.metrics.squad (evaluate-v1.1.py semantics);
 cmrc2018's test split (the official dev set) by the CMRC 2018 metric.
 
     python bench/qa.py --quick --systems hf --threads 1       # < 2 minutes: 120 questions, 128 / 32
@@ -261,7 +261,7 @@ def questions_per_s(questions: int, steps: int | None, batch: int | None, featur
 
 def hf_qa_run(data: dict[str, Any], args: argparse.Namespace, b: dict[str, Any], device: torch.device,
               max_steps: int | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    from sora.evaluate.squad import qa_metrics
+    from sora.metrics.squad import qa_metrics
 
     eval_sets = {name: rows for name, (_, rows) in data["sets"].items()}
     preds, info = hf_qa.train_and_predict(data["train"], eval_sets, model_path=minilm_path(), workdir=WORK / "work",
@@ -436,7 +436,7 @@ def main() -> None:
             "dirs": {k: str(v["dir"].relative_to(REPO)) for k, v in (("squad", squad), ("cmrc2018", cmrc)) if v},
         },
         "definitions": {
-            "em/f1": "percent, sora.evaluate.squad (evaluate-v1.1.py; cmrc2018: cmrc2018_evaluate.py semantics)",
+            "em/f1": "percent, sora.metrics.squad (evaluate-v1.1.py; cmrc2018: cmrc2018_evaluate.py semantics)",
             "examples_per_s": "training questions per second: questions x epochs done / seconds, epochs done = "
                               "optimizer steps x batch size / training features (run_qa's windows at the common "
                               "max length and stride); the same formula for every system",

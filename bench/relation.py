@@ -12,7 +12,7 @@ Systems
         -o OUT`` (Sora's own schedule; it selects on DIR/validation.jsonl), then ``sora evaluate OUT/model --data DIR
         --split test -o REPORT`` (REPORT/metrics.json)
 
-Score: the official one (sora.evaluate.semeval.semeval_scores: macro-F1 over the 9 relations excluding Other,
+Score: the official one (sora.metrics.semeval.semeval_scores: macro-F1 over the 9 relations excluding Other,
 direction-aware, scorer v1.2's (iii)), and accuracy over the 19 labels, both in percent, on the test split.
 
     python bench/relation.py --quick --threads 1      # < 2 minutes: 200 train rows, 1 HF epoch, 100 test rows
@@ -215,7 +215,7 @@ def hf_train(data: Path, args: argparse.Namespace, device: torch.device, epochs:
 
 
 def run_hf(data: Path, args: argparse.Namespace, device: torch.device, epochs: float) -> dict[str, Any]:
-    from sora.evaluate.semeval import semeval_scores
+    from sora.metrics.semeval import semeval_scores
 
     sweep = {}
     if args.hf_sweep:
@@ -316,7 +316,7 @@ def main() -> None:
                  "input": "both systems read the text as sora.data.relation.mark renders it (punctuation entity "
                           "markers); Sora pools the two opening markers, HF its [CLS] head as its users do"},
         "definitions": {"macro_f1": "official SemEval-2010 Task 8 score (9 relations, Other excluded, direction-"
-                                    "aware; sora.evaluate.semeval.semeval_scores), percent",
+                                    "aware; sora.metrics.semeval.semeval_scores), percent",
                         "accuracy": "exact 19-label accuracy, Other included, percent",
                         "seconds": "training time. hf: Trainer's train_runtime (the training loop). sora: the "
                                    "training loop's elapsed time printed by `sora finetune` ('model: ... (N steps, "

@@ -15,7 +15,7 @@ from conftest import slice_jsonl, write_jsonl
 
 from sora.data.qa import NO_ANSWER_SCORE, QAExample, best_answers, qa_batches, qa_features, read_qa
 from sora.errors import DataError
-from sora.evaluate.squad import (
+from sora.metrics.squad import (
     cmrc_em,
     cmrc_f1,
     cmrc_metrics,

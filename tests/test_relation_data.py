@@ -22,7 +22,7 @@ from sora.data.relation import (
     split_direction,
 )
 from sora.errors import DataError
-from sora.evaluate.semeval import semeval_scores
+from sora.metrics.semeval import semeval_scores
 from sora.models.hf_import import resolve_backbone
 from sora.text.tokenizer import SoraTokenizer, train_tokenizer
 

@@ -1,7 +1,9 @@
 """Evaluation: metrics on arrays for classification, multi-label and regression, and reports; retrieval and
 similarity correlation of any model's embeddings (``sora.evaluate.retrieval``)."""
 
-from sora.evaluate.metrics import (
+from sora.evaluate.report import label_curve_plot, write_report
+from sora.evaluate.retrieval import evaluate_retrieval, query_metrics, retrieval_metrics, similarity_correlation
+from sora.metrics.labels import (
     classification_metrics,
     expected_calibration_error,
     multilabel_metrics,
@@ -10,8 +12,6 @@ from sora.evaluate.metrics import (
     tune_thresholds,
     unseen_labels,
 )
-from sora.evaluate.report import label_curve_plot, write_report
-from sora.evaluate.retrieval import evaluate_retrieval, query_metrics, retrieval_metrics, similarity_correlation
 
 __all__ = [
     "classification_metrics",

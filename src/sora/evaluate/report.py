@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sora.errors import DataError, missing
-from sora.evaluate.metrics import expected_calibration_error, reliability_curve
+from sora.metrics.labels import expected_calibration_error, reliability_curve
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -448,7 +448,7 @@ def similarity_correlation(model: Sora | str | Path, data: str | Path, split: st
     numeric one of relatedness, score, similarity, label. Writes ``metrics.json`` and ``report.md`` to ``out``.
 
     Returns ``{"mode": "similarity", "data", "split", "metrics": {"spearman", "pearson", "n", …}, "files"}``."""
-    from sora.evaluate.metrics import regression_metrics
+    from sora.metrics.labels import regression_metrics
 
     path = resolve_split(data, split)
     wanted = [text_a_column, text_b_column, *([score_column] if score_column else SCORE_COLUMNS)]

@@ -186,7 +186,7 @@ class TaskKind:
         return {"label": labels[best], "score": float(s[best]),
                 "scores": {lb: round(float(p), 6) for lb, p in zip(labels, s, strict=True)}}
 
-    # ---- metrics (sora.evaluate.metrics: one implementation for selection, evaluate, compress, bench) -------
+    # ---- metrics (sora.metrics: one implementation for selection, evaluate, compress, bench) -------
 
     def metrics(self, spec: HeadSpec, scores: Any, examples: list[Any]) -> dict[str, Any]:
         """The full metrics of predictions ``scores`` on gold ``examples``."""

@@ -34,7 +34,7 @@ class Classification(TaskKind):
         return loss, logits
 
     def metrics(self, spec: HeadSpec, scores: np.ndarray, examples: list[Any]) -> dict[str, Any]:
-        from sora.evaluate.metrics import classification_metrics  # the training extra (scikit-learn, scipy)
+        from sora.metrics.labels import classification_metrics  # the training extra (scikit-learn, scipy)
 
         labels = spec.labels or []
         return classification_metrics([ex.label for ex in examples], [labels[i] for i in scores.argmax(1)],

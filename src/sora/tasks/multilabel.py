@@ -62,12 +62,12 @@ class Multilabel(TaskKind):
                 "scores": {lb: round(float(p), 6) for lb, p in zip(labels, s, strict=True)}}
 
     def metrics(self, spec: HeadSpec, scores: np.ndarray, examples: list[Any]) -> dict[str, Any]:
-        from sora.evaluate.metrics import multilabel_metrics  # the training extra (scikit-learn, scipy)
+        from sora.metrics.labels import multilabel_metrics  # the training extra (scikit-learn, scipy)
 
         y = self.targets(examples, spec.labels).numpy()
         return multilabel_metrics(y, scores, np.array(spec.thresholds or 0.5), spec.labels or [])
 
     def after_selection(self, spec: HeadSpec, scores: np.ndarray, examples: list[Any]) -> None:
-        from sora.evaluate.metrics import tune_thresholds
+        from sora.metrics.labels import tune_thresholds
 
         spec.thresholds = [float(t) for t in tune_thresholds(self.targets(examples, spec.labels).numpy(), scores)]

@@ -4,7 +4,7 @@ Long contexts are cut into overlapping windows (384 tokens, stride 128 by defaul
 gives start and end logits; the best valid span over all windows of a question is the answer, returned as the
 exact substring of the context with its character offsets (``sora.data.qa``, as Hugging Face's ``run_qa``).
 Metrics are the official SQuAD v1.1 exact match and F1, or CMRC 2018's character-level ones for Chinese
-(``sora.evaluate.squad``; percentages, as the official scripts print).
+(``sora.metrics.squad``; percentages, as the official scripts print).
 
 Task options (``tasks[].options``): ``stride`` (128), ``max_answer_length`` (30 tokens), ``n_best`` (20),
 ``max_question_length`` (64 tokens).
@@ -24,6 +24,7 @@ from sora.config import TaskConfig
 from sora.data.qa import QAExample, best_answers, qa_features, read_qa
 from sora.data.tasks import TaskData, make_batch
 from sora.errors import ConfigError, DataError
+from sora.metrics.squad import qa_metrics
 from sora.models.autoencoder import SoraModel
 from sora.models.heads import HeadSpec, head_logits
 from sora.tasks.base import TaskKind
@@ -163,7 +164,5 @@ class QA(TaskKind):
                 "score": float(s["probability"]), "logit": float(score) if np.isfinite(score) else None}
 
     def metrics(self, spec: HeadSpec, scores: list[dict[str, Any]], examples: list[QAExample]) -> dict[str, Any]:
-        from sora.evaluate.squad import qa_metrics  # sora.evaluate needs the training extra
-
         return qa_metrics({ex.id: p["answer"] for ex, p in zip(examples, scores, strict=True)},
                           {ex.id: ex.answers for ex in examples})

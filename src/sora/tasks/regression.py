@@ -58,6 +58,6 @@ class Regression(TaskKind):
         return {"value": float(s)}
 
     def metrics(self, spec: HeadSpec, scores: np.ndarray, examples: list[Any]) -> dict[str, Any]:
-        from sora.evaluate.metrics import regression_metrics  # the training extra (scipy, scikit-learn)
+        from sora.metrics.labels import regression_metrics  # the training extra (scipy, scikit-learn)
 
         return regression_metrics([ex.label for ex in examples], scores.tolist())

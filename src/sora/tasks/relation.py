@@ -3,7 +3,7 @@
 Rows carry the entities as inline markers or character spans (``sora.data.relation``); the encoder reads them
 wrapped in punctuation markers, and the head reads the token states at the two opening markers ("entity start"
 pooling, Baldini Soares et al. 2019), not the pooled code. The score is the official one: macro-F1 over the
-relations, direction-aware, without Other (``sora.evaluate.semeval``; percentages, as the scorer prints).
+relations, direction-aware, without Other (``sora.metrics.semeval``; percentages, as the scorer prints).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from sora.config import TaskConfig
 from sora.data.relation import RelationExample, encode_relations, make_relation_batch, parse_relation, read_relations
 from sora.data.tasks import TaskData
+from sora.metrics.semeval import semeval_scores
 from sora.models.autoencoder import SoraModel
 from sora.models.heads import HeadSpec, head_logits
 from sora.tasks.base import TaskKind
@@ -64,8 +65,6 @@ class Relation(TaskKind):
         return F.cross_entropy(logits, batch["labels"], weight=objective.class_weights), logits
 
     def metrics(self, spec: HeadSpec, scores: np.ndarray, examples: list[RelationExample]) -> dict[str, Any]:
-        from sora.evaluate.semeval import semeval_scores  # sora.evaluate needs the training extra
-
         labels = spec.labels or []
         predicted = [labels[i] for i in scores.argmax(1)]
         return semeval_scores([ex.label for ex in examples], predicted)

@@ -21,7 +21,7 @@ import torch
 
 from sora.errors import missing
 
-try:  # model selection scores with sora.evaluate.metrics
+try:  # model selection scores with sora.metrics.labels
     import scipy  # noqa: F401
     import sklearn  # noqa: F401
 except ImportError as exc:
