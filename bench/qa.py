@@ -103,10 +103,21 @@ class SoraFailed(RuntimeError):
 # ---- data ------------------------------------------------------------------------------------------------------
 
 
+DROPPED: dict[str, list[str]] = {}  # rows a QA system cannot use (an empty question), by data set and split
+
+
 def read_rows(name: str, split: str) -> list[dict[str, Any]]:
+    """The split's rows, less those without a question, a context or an answer (cmrc2018's trial set has two
+    empty questions; Sora refuses such rows with their line, as it should), recorded in meta.dropped."""
     path = SHARED_DATA / name / f"{split}.jsonl"
     with path.open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        rows = [json.loads(line) for line in fh if line.strip()]
+    usable = [r for r in rows if str(r.get("question", "")).strip() and str(r.get("context", "")).strip()
+              and (r.get("answers") or {}).get("text")]
+    if len(usable) < len(rows):
+        DROPPED[f"{name}/{split}"] = [r.get("id") for r in rows if r not in usable]
+        log(f"{name}/{split}: {len(rows) - len(usable)} rows without a question, context or answer left out")
+    return usable
 
 
 def sample(rows: list[dict[str, Any]], cap: int | None) -> list[dict[str, Any]]:
@@ -420,7 +431,7 @@ def main() -> None:
         },
         "budget": {**b, "seed": args.seed, "data_seed": DATA_SEED, "sora_schedule": args.sora_schedule,
                    "threads": args.threads, "device": device.type},
-        "training": info_all, "equal_steps": equal,
+        "training": info_all, "equal_steps": equal, "dropped": DROPPED,
         "data": {
             "squad_v1_test": "squad_v1 test split (the official dev set's second half by article), capped as a seeded"
                              " sample; every gold answer counts (max over answers)",
