@@ -145,6 +145,9 @@ def finetune(
     max_length: Annotated[int | None, typer.Option()] = None,
     aux_weight: Annotated[float | None, typer.Option(help="α of continued denoising on unlabeled text")] = None,
     unlabeled: Annotated[str | None, typer.Option(help="unlabeled text for the auxiliary loss")] = None,
+    adversarial: Annotated[str | None, typer.Option(help="adversarial training: none|fgm|pgd|freelb|smart "
+                                                         "(sora.objectives.ADVERSARIAL; settings: --set "
+                                                         "adversarial.KEY=...)")] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="run directory")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     device: Annotated[str | None, typer.Option(help="auto|cpu|cuda")] = None,
@@ -164,6 +167,7 @@ def finetune(
                  "tasks.0.class_weights": class_weights, "finetune.epochs": epochs, "train.lr": lr,
                  "data.batch_size": batch_size, "data.max_length": max_length,
                  "finetune.aux_denoise_weight": aux_weight, "finetune.unlabeled": unlabeled, "output": output,
+                 "adversarial.method": adversarial,
                  "finetune.seed": seed, "train.device": device, "train.progress": None if progress else False})
     summary = run_finetune(load_finetune_recipe(recipe, overrides), resume=resume)
     best = summary.get("validation") or {}

@@ -287,6 +287,33 @@ class FinetuneTrain(TrainConfig):
     max_steps: int = Field(1, ge=1)  # set from finetune.epochs / finetune.max_steps
 
 
+class AdversarialConfig(_Strict):
+    """Adversarial training of every task head: ``method`` wraps each task's loss (``sora.objectives.adversarial
+    .ADVERSARIAL``; ``none``: plain fine-tuning; the auxiliary denoising loss is never wrapped). Perturbations are
+    on the word embeddings' output at real tokens; an unset key takes the method's default, and a key the method
+    does not read is refused:
+
+    - ``fgm`` (Miyato et al.): ``epsilon`` 1.0 (per-example L2); loss = clean + adversarial;
+    - ``pgd`` (Madry et al.): ``epsilon`` 1.0, ``steps`` 3, ``adv_lr`` 0.3 (L2 ascent step), random start in the
+      ball; loss = clean + adversarial at the last step;
+    - ``freelb`` (Zhu et al. 2020, their SST-2 setting): ``steps`` 2, ``adv_lr`` 0.1, ``init_mag`` 0.6 (uniform
+      start scaled by init_mag/√(L·d)), ``epsilon`` 0 (the max norm; 0: unbounded); gradients averaged over the
+      steps;
+    - ``smart`` (Jiang et al. 2020, mt-dnn's defaults): ``lambda_`` 1.0, ``noise`` 1e-5 (σ of the start),
+      ``steps`` 1, ``adv_lr`` 1e-3 (the step size η), ``epsilon`` 1.0 (the radius of the per-token ℓ∞-normalised
+      perturbation; mt-dnn's is 1); loss = clean + λ · symmetric divergence of clean and perturbed predictions
+      (KL for classes, Bernoulli KL per label, squared error for a value, KL of QA's start and end).
+    """
+
+    method: str = "none"  # none | a name in sora.objectives.adversarial.ADVERSARIAL
+    epsilon: float | None = Field(None, ge=0)
+    steps: int | None = Field(None, ge=1)
+    adv_lr: float | None = Field(None, gt=0)
+    init_mag: float | None = Field(None, ge=0)
+    lambda_: float | None = Field(None, ge=0)
+    noise: float | None = Field(None, ge=0)
+
+
 class FinetuneRecipe(_Strict):
     output: str = "runs/finetune"
     data: FinetuneData = FinetuneData()
@@ -294,6 +321,7 @@ class FinetuneRecipe(_Strict):
     tasks: list[TaskConfig] = [TaskConfig()]
     model: FinetuneModel = FinetuneModel()
     objectives: list[ObjectiveConfig] = [ObjectiveConfig()]  # the auxiliary denoising objective
+    adversarial: AdversarialConfig = AdversarialConfig()
     train: FinetuneTrain = FinetuneTrain()
 
 

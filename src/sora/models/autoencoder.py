@@ -7,6 +7,9 @@ fine-tuning) live in ``heads`` and read the same code or the encoder states.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -69,6 +72,27 @@ class SoraModel(nn.Module):
         """The one encoder pass heads read from: token states and the code together."""
         states = self.encode(ids, mask, type_ids)
         return EncoderOutput(states, mask, self.to_code(self.pool(states, mask)))
+
+    @contextmanager
+    def perturbed(self, delta: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> Iterator[None]:
+        """Inside the block, encoder pass ``i`` (0, 1, ... in call order: a siamese pair makes two) adds
+        ``delta(i, words, mask)`` to its word embeddings ``words`` (B, T, dim) — after the lookup, before
+        positions, token types and the embedding LayerNorm, and before ``Unpad`` — at real tokens only (``mask``
+        (B, T); padding is left as it is whatever ``delta`` returns). The one seam of adversarial training
+        (``sora.objectives.adversarial``): ids, heads and task kinds are untouched, so every kind works."""
+        calls = itertools.count()
+
+        def perturb(words: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            d = delta(next(calls), words, mask)
+            return words + d.to(words.dtype) * mask.unsqueeze(-1).to(words.dtype)
+
+        if self.encoder.perturb is not None:
+            raise RuntimeError("SoraModel.perturbed blocks do not nest")
+        self.encoder.perturb = perturb
+        try:
+            yield
+        finally:
+            self.encoder.perturb = None
 
     def embed(self, ids: torch.Tensor, mask: torch.Tensor, type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The sentence code (B, code_dim): the representation Sora is trained to produce."""

@@ -8,6 +8,7 @@ Attention goes through ``F.scaled_dot_product_attention``, which picks a fused k
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -164,11 +165,17 @@ class Embeddings(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps) if norm else None
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, ids: torch.Tensor, type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, type_ids: torch.Tensor | None = None,
+                perturb: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """``perturb`` maps the word embeddings (B, T, dim) before positions and types are added (adversarial
+        training: ``SoraModel.perturbed``)."""
         t = ids.shape[1]
         if t > self.position.num_embeddings:
             raise ValueError(f"sequence of {t} tokens is longer than the model's {self.position.num_embeddings}")
-        x = self.word(ids) + self.position.weight[:t][None]
+        x = self.word(ids)
+        if perturb is not None:
+            x = perturb(x)
+        x = x + self.position.weight[:t][None]
         if self.token_type is not None:
             x = x + (self.token_type(type_ids) if type_ids is not None else self.token_type.weight[0])
         if self.norm is not None:
@@ -192,10 +199,13 @@ class Encoder(nn.Module):
         self.final_norm = None if post else nn.LayerNorm(dim, eps=eps)
         # Off on ONNX export's copy of the model: a traced graph must not depend on the sample's padding.
         self.unpad = True
+        # (word embeddings (B, T, dim), mask (B, T)) -> word embeddings: set only inside SoraModel.perturbed.
+        self.perturb: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, ids, mask, type_ids=None):
         """Token states (B, T, dim); zeros at padding when the batch was unpadded."""
-        x = self.embeddings(ids, type_ids)
+        perturb = self.perturb
+        x = self.embeddings(ids, type_ids, None if perturb is None else lambda words: perturb(words, mask))
         attn_mask = mask[:, None, None, :]
         # Training: skip padding when there is enough of it to pay for the gather / scatter around attention.
         # Inference: always, with the row count rounded to a few heights (see bucket_rows), except for one

@@ -3,6 +3,9 @@
 ``OBJECTIVES`` is the registry a recipe's ``objectives: [{name: ...}]`` reads: name → builder
 ``(cfg, prefix, model) -> nn.Module``; ``model`` is the model about to be trained, as it starts (``distill``
 copies it as its frozen teacher). A new objective is one module and one line here.
+
+``adversarial.ADVERSARIAL`` is the registry of adversarial training methods, wrappers around a task objective
+(fine-tuning's ``adversarial: {method: ...}``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from torch import nn
 from sora.config import ObjectiveConfig
 from sora.errors import ConfigError
 from sora.models.autoencoder import SoraModel
+from sora.objectives.adversarial import ADVERSARIAL, build_adversarial
 from sora.objectives.distill import Distill
 from sora.objectives.reconstruction import Contrastive, MaskedLM, Reconstruction
 from sora.objectives.supervised import TaskLoss
@@ -45,4 +49,5 @@ def build_objective(cfg: ObjectiveConfig, prefix: str = "", model: SoraModel | N
     return builder(cfg, prefix, model)
 
 
-__all__ = ["OBJECTIVES", "Contrastive", "Distill", "MaskedLM", "Reconstruction", "TaskLoss", "build_objective"]
+__all__ = ["ADVERSARIAL", "OBJECTIVES", "Contrastive", "Distill", "MaskedLM", "Reconstruction", "TaskLoss",
+           "build_adversarial", "build_objective"]

@@ -23,7 +23,20 @@ class TaskLoss(nn.Module):
         self.contrastive, self.temperature = contrastive, temperature
         self.register_buffer("class_weights", class_weights, persistent=False)
 
+    def own(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This task's keys of ``batch``, unprefixed."""
+        if not self.prefix:
+            return batch
+        return {k[len(self.prefix):]: v for k, v in batch.items() if k.startswith(self.prefix)}
+
+    def loss_and_logits(self, model: SoraModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss and the head's outputs it was computed from (what SMART compares)."""
+        return self.kind.loss(model, self.name, self.own(batch), self)
+
+    def divergence(self, model: SoraModel, batch: dict[str, torch.Tensor], target: torch.Tensor,
+                   logits: torch.Tensor) -> torch.Tensor:
+        """How far ``logits``' predictions are from ``target``'s, as the kind measures it (``TaskKind.divergence``)."""
+        return self.kind.divergence(model.head_specs[self.name], target, logits, self.own(batch))
+
     def forward(self, model: SoraModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.prefix:
-            batch = {k[len(self.prefix):]: v for k, v in batch.items() if k.startswith(self.prefix)}
-        return self.kind.loss(model, self.name, batch, self)[0]
+        return self.loss_and_logits(model, batch)[0]

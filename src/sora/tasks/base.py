@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from sora.config import TaskConfig
 from sora.data.tasks import (
@@ -147,6 +148,15 @@ class TaskKind:
         """(loss, logits) of head ``name`` on a labelled batch; ``objective`` is the ``TaskLoss`` asking (class
         weights, contrastive weight and temperature)."""
         raise NotImplementedError
+
+    def divergence(self, spec: HeadSpec, target: torch.Tensor, logits: torch.Tensor,
+                   batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """How far the predictions of ``logits`` are from those of ``target`` (both as ``loss`` returns them),
+        mean over examples: ≥ 0, and 0 when they are equal. SMART's smoothness term compares clean and perturbed
+        predictions with it (``sora.objectives.adversarial``). Here KL(target ‖ logits) of the softmax over the
+        outputs (classes)."""
+        return F.kl_div(logits.float().log_softmax(-1), target.float().log_softmax(-1), log_target=True,
+                        reduction="batchmean")
 
     def scores(self, spec: HeadSpec, logits: torch.Tensor) -> torch.Tensor:
         """What predictions are made from: probabilities, or the value."""

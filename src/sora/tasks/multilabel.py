@@ -52,6 +52,14 @@ class Multilabel(TaskKind):
         loss = F.binary_cross_entropy_with_logits(logits, batch["labels"].float(), pos_weight=objective.class_weights)
         return loss, logits
 
+    def divergence(self, spec: HeadSpec, target: torch.Tensor, logits: torch.Tensor,
+                   batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Bernoulli KL(target ‖ logits) per label, summed over the labels."""
+        t, q = target.float(), logits.float()
+        p = torch.sigmoid(t)
+        kl = p * (F.logsigmoid(t) - F.logsigmoid(q)) + (1 - p) * (F.logsigmoid(-t) - F.logsigmoid(-q))
+        return kl.sum(-1).mean()
+
     def scores(self, spec: HeadSpec, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits.float())
 

@@ -127,6 +127,15 @@ class QA(TaskKind):
         loss = (F.cross_entropy(start, batch["start_positions"]) + F.cross_entropy(end, batch["end_positions"])) / 2
         return loss, torch.stack([start, end], -1)
 
+    def divergence(self, spec: HeadSpec, target: torch.Tensor, logits: torch.Tensor,
+                   batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """KL(target ‖ logits) of the start and of the end distributions over each window's real tokens
+        (logits (B, T, 2)), averaged over the two and over windows."""
+        pad = ~batch["attention_mask"].bool().unsqueeze(-1)
+        t = target.float().masked_fill(pad, -1e4).log_softmax(1)
+        q = logits.float().masked_fill(pad, -1e4).log_softmax(1)
+        return (t.exp() * (t - q)).sum(1).mean()
+
     @torch.inference_mode()
     def predict(self, model: SoraModel, tokenizer: SoraTokenizer, name: str, encoded: list[dict[str, Any]],
                 batch_size: int = 64, encoder: Any = None) -> list[np.ndarray]:

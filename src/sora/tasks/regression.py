@@ -51,6 +51,11 @@ class Regression(TaskKind):
         value = self.logits(model, model, name, batch).float()
         return F.mse_loss(value, batch["labels"].float()), value
 
+    def divergence(self, spec: HeadSpec, target: torch.Tensor, logits: torch.Tensor,
+                   batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The squared difference of the values (mt-dnn's SMART for regression)."""
+        return F.mse_loss(logits.float(), target.float())
+
     def scores(self, spec: HeadSpec, logits: torch.Tensor) -> torch.Tensor:
         return logits
 

@@ -34,7 +34,8 @@ from sora.errors import ConfigError, SoraWarning
 from sora.models.autoencoder import SoraModel
 from sora.models.checkpoint import is_sora_checkpoint, load_checkpoint, save_checkpoint
 from sora.models.heads import HeadSpec, add_head, head_features
-from sora.objectives import TaskLoss, build_objective
+from sora.objectives import TaskLoss, build_adversarial, build_objective
+from sora.objectives.adversarial import Adversarial
 from sora.tasks import kind_of, scalar_metrics
 from sora.text.tokenizer import SoraTokenizer
 from sora.train.distributed import finish, setup, teardown
@@ -312,11 +313,17 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
             add_head(model, name, head_spec(data.task, data, backbone=model.cfg.backbone is not None))
             init_head(model, tokenizer, name, data, d.max_length, fcfg.head_init, tuple(fcfg.probe_c))
         multi = len(tasks) > 1
+        # Each task's loss, wrapped by the adversarial method when one is set (recipe ``adversarial``).
         objectives: dict[str, tuple[float, torch.nn.Module]] = {
-            name: (data.task.weight, TaskLoss(name, data.task.type, kind_of(data.task).class_weights(data),
-                                              f"{name}/" if multi else "", data.task.contrastive_weight,
-                                              data.task.temperature))
+            name: (data.task.weight, build_adversarial(recipe.adversarial, TaskLoss(
+                name, data.task.type, kind_of(data.task).class_weights(data), f"{name}/" if multi else "",
+                data.task.contrastive_weight, data.task.temperature)))
             for name, data in tasks}
+        adversarial = adversarial_cost(objectives)
+        if dist.is_main and adversarial:
+            print(f"adversarial training: {adversarial['method']} ({adversarial['settings']}), "
+                  f"{adversarial['forwards']} forward and {adversarial['backwards']} backward passes per task and step "
+                  "(plain: 1 and 1)", flush=True)
         if fcfg.aux_denoise_weight > 0:
             if model.decoder is None and recipe.objectives[0].name != "mlm":  # MLM needs only the encoder
                 raise ConfigError("aux_denoise_weight > 0 needs a model with a decoder (or objectives: [{name: mlm}])")
@@ -379,6 +386,8 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
                     evaluate=selector, on_step=on_step, stateful={"selector": selector},
                     evaluate_first=True)  # the starting point is a candidate: fine-tuning must beat it to count
         summary: dict[str, Any] = {"output": str(out), "steps": state.step, "elapsed_s": round(state.elapsed_s, 1)}
+        if adversarial:
+            summary["adversarial"] = adversarial
         if dist.is_main:
             if selector.best_state is not None:
                 model.load_state_dict(selector.best_state)
@@ -393,6 +402,15 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
         return summary
     finally:
         teardown()
+
+
+def adversarial_cost(objectives: dict[str, tuple[float, torch.nn.Module]]) -> dict[str, Any] | None:
+    """The adversarial method wrapping the task losses and its passes per step (None without one)."""
+    for _, objective in objectives.values():
+        if isinstance(objective, Adversarial):
+            return {"method": objective.name, "settings": objective.settings, "forwards": objective.forwards,
+                    "backwards": objective.backwards}
+    return None
 
 
 def _gradual_unfreeze(model: SoraModel, per_epoch: int):
