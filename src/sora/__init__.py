@@ -1,9 +1,10 @@
 """Sora: denoising-autoencoder text representations from your own unlabeled text."""
 
+from sora.attack import attack  # after the import of the package sora.attack, so ``sora.attack`` is the function
 from sora.errors import SoraError
 
 __version__ = "0.1.0"
-__all__ = ["SoraError", "load", "__version__"]
+__all__ = ["SoraError", "attack", "load", "__version__"]
 
 
 def load(path, device: str = "cpu", backend: str | None = None, dtype: str | None = None):

@@ -192,10 +192,18 @@ def evaluate(
     batch_size: Annotated[int, typer.Option()] = 64,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="report folder")] = None,
     device: Annotated[str, typer.Option()] = "cpu",
+    attack: Annotated[str | None, typer.Option(help="task heads: attacks for the robustness section, comma-separated "
+                                                    "(char, word) or none (default: char where the head predicts "
+                                                    "a label)")] = None,
+    attack_examples: Annotated[int, typer.Option(help="examples attacked (a seeded sample of the split)")] = 100,
+    lexicon: Annotated[str | None, typer.Option(help="word attack: substitutes, a JSON word → list (default: "
+                                                     "../shared/data/lexicon where it exists)")] = None,
 ) -> None:
-    """Metrics and a Markdown report: a task head (confusion matrix, curves, reliability), retrieval on a BEIR
-    folder (nDCG@10, recall@100, MRR@10), or cosine-similarity correlation on scored pairs (Spearman, Pearson)."""
+    """Metrics and a Markdown report: a task head (confusion matrix, curves, reliability, robustness under a
+    character attack), retrieval on a BEIR folder (nDCG@10, recall@100, MRR@10), or cosine-similarity
+    correlation on scored pairs (Spearman, Pearson)."""
     import sora
+    from sora.attack import parse_methods
     from sora.evaluate.retrieval import summary_line
     from sora.evaluate.run import evaluate_model
 
@@ -203,16 +211,95 @@ def evaluate(
         raise SoraError(f"--max-length {max_length}: must be at least 2 (the [CLS] and [SEP] tokens)")
     if batch_size < 1:
         raise SoraError(f"--batch-size {batch_size}: must be at least 1")
+    if attack_examples < 1:
+        raise SoraError(f"--attack-examples {attack_examples}: must be at least 1")
+    attacks = None if attack is None else parse_methods(attack)
     result = evaluate_model(sora.load(checkpoint, device=device), data, split, task, output, batch_size, max_length,
-                            score_column, progress=sys.stderr.isatty())
+                            score_column, progress=sys.stderr.isatty(), attacks=attacks,
+                            attack_examples=attack_examples, attack_options={"lexicon": lexicon} if lexicon else None)
     if result["mode"] == "task":
         m = result["metrics"]
         headline = [k for k in result.get("headline") or m if k != "n" and isinstance(m.get(k), int | float)]
         typer.echo(f"{result['task']} on {result['data']} ({m.get('n')} examples): "
                    + ", ".join(f"{k} {m[k]:.4f}" for k in headline))
+        for name, r in (m.get("robustness") or {}).items():
+            typer.echo(_robustness_line(name, r))
+        if m.get("robustness_note"):
+            typer.echo(f"robustness: {m['robustness_note']}")
     else:
         typer.echo(summary_line(result))
     typer.echo(f"report: {result['files'].get('report')}")
+
+
+def _robustness_line(method: str, r: dict[str, Any]) -> str:
+    def num(v: Any, fmt: str = ".4f") -> str:
+        return "n/a" if v is None else format(v, fmt)
+
+    words = "n/a" if r.get("words_perturbed") is None else f"{100 * r['words_perturbed']:.1f}%"
+    return (f"robustness, {method} attack on {r['n']} examples: accuracy {num(r['clean_accuracy'])} -> "
+            f"{num(r['attacked_accuracy'])} under attack, success rate {num(r['success_rate'])}, "
+            f"{words} words perturbed, {num(r['queries'], '.1f')} queries")
+
+
+@app.command("attack")
+def attack_command(
+    checkpoint: Annotated[str, typer.Argument(help=TUNED_HELP)],
+    data: Annotated[str, typer.Argument(help="labeled data: a file, or a directory with the --split")],
+    output: Annotated[Path, typer.Option("--output", "--out", "-o", help="outcomes, one JSON line per example")],
+    method: Annotated[str, typer.Option(help="word (synonyms, semantic constraint) | char (typos)")] = "word",
+    task: Annotated[str | None, typer.Option(help="task head (when there are several)")] = None,
+    split: Annotated[str, typer.Option(help="split to read when DATA is a directory")] = "test",
+    max_examples: Annotated[int | None, typer.Option(help="attack a seeded sample of this many (default: all)")]
+    = None,
+    max_words: Annotated[float | None, typer.Option(help="fraction of a text's words that may change [0.3]")] = None,
+    max_queries: Annotated[int | None, typer.Option(help="texts the model may score per example [500]")] = None,
+    seed: Annotated[int, typer.Option()] = 13,
+    lexicon: Annotated[str | None, typer.Option(help="word: substitutes, a JSON word → list, or a directory holding "
+                                                     "one (default: ../shared/data/lexicon where it exists; none: "
+                                                     "the model's embedding neighbours only)")] = None,
+    min_similarity: Annotated[float | None, typer.Option(help="word: least cosine of the original and perturbed "
+                                                               "texts' codes [0.8]")] = None,
+    encoder: Annotated[str | None, typer.Option(help="word: the model computing those codes (default: the one "
+                                                     "attacked), e.g. all-MiniLM-L6-v2")] = None,
+    batch_size: Annotated[int, typer.Option()] = 64,
+    device: Annotated[str, typer.Option()] = "cpu",
+) -> None:
+    """Attack a task head offline (TextFooler-like synonym swaps or DeepWordBug-like typos) on labeled data: one
+    JSON line per example (original, perturbed, input, labels, success, words changed, queries) and a summary."""
+    import random
+
+    import sora
+    from sora.attack import Victim, make_attack, summarize
+    from sora.evaluate.run import task_config
+
+    if output.suffix.lower() != ".jsonl":
+        raise SoraError(f"--output {output}: use a .jsonl file")
+    if max_examples is not None and max_examples < 1:
+        raise SoraError(f"--max-examples {max_examples}: must be at least 1")
+    _check_writable(output)
+    model = sora.load(checkpoint, device=device)
+    victim = Victim(model, task, batch_size)
+    options: dict[str, Any] = {k: v for k, v in {"max_words": max_words, "max_queries": max_queries,
+                                                  "min_similarity": min_similarity, "encoder": encoder}.items()
+                               if v is not None}
+    if lexicon is not None:
+        options["lexicon"] = lexicon
+    attacker = make_attack(method, victim, seed=seed, **options)
+    cfg = task_config(model, victim.name)
+    examples = victim.kind.read(data, cfg, split, pair=victim.spec.pair)
+    victim.kind.check_labels(examples, victim.spec.labels, str(data))
+    if max_examples is not None and len(examples) > max_examples:
+        examples = [examples[i] for i in sorted(random.Random(seed).sample(range(len(examples)), max_examples))]
+    outcomes = attacker.run(examples)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as fh:
+            for o in outcomes:
+                fh.write(json.dumps(o.as_dict(), ensure_ascii=False) + "\n")
+
+    _write_atomically(output, write)
+    typer.echo(_robustness_line(method, summarize(outcomes)))
+    typer.echo(f"{len(outcomes)} outcomes -> {output}")
 
 
 @app.command()

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 MAX_MD_CONFUSION = 20  # a wider Markdown table is unreadable; the PNG still shows it
 MAX_CELL_TEXT = 20  # numbers inside confusion-matrix cells only up to this many labels
 MAX_TICK_LABELS = 100  # past this, label names on the axes overlap into a black bar
+MAX_EXAMPLE_CHARS = 160  # an example perturbation's text in the report (metrics.json keeps it whole)
 
 def _figure(width: float, height: float) -> Figure:
     try:
@@ -207,7 +208,51 @@ def label_curve_plot(points: Sequence[dict[str, Any]], out: Path) -> Path:
     return _save(fig, out)
 
 
+def robustness_plot(robustness: dict[str, dict[str, Any]], out: Path) -> Path:
+    """Accuracy on the attacked sample, clean against under attack, one pair of bars per attack."""
+    names = list(robustness)
+    clean = [robustness[n].get("clean_accuracy") or 0.0 for n in names]
+    attacked = [robustness[n].get("attacked_accuracy") or 0.0 for n in names]
+    x = np.arange(len(names), dtype=np.float64)
+    fig = _figure(max(4.0, 1.6 + 1.4 * len(names)), 4.0)
+    ax = fig.add_subplot()
+    series = (("clean", clean, "tab:blue", -0.2), ("under attack", attacked, "tab:red", 0.2))
+    for label, values, color, offset in series:
+        bars = ax.bar(x + offset, values, width=0.4, label=label, color=color)
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks(x, [f"{n} ({robustness[n].get('n', '?')})" for n in names])
+    ax.set(ylim=(0, 1.25), ylabel="accuracy", title="Robustness: accuracy clean vs under attack")
+    ax.legend(fontsize=8, loc="upper center", ncols=2)
+    return _save(fig, out)
+
+
 # --- report --------------------------------------------------------------------------------------------
+
+
+def _clip(text: Any) -> str:
+    text = str(text)
+    return text if len(text) <= MAX_EXAMPLE_CHARS else text[: MAX_EXAMPLE_CHARS - 1] + "…"
+
+
+def _robustness_lines(robustness: dict[str, dict[str, Any]]) -> list[str]:
+    """The attacks' table, then a few example perturbations of each."""
+
+    def pct(v: Any) -> Any:
+        return None if v is None else f"{100 * v:.1f}%"
+
+    lines = ["", "## Robustness", "",
+             "Each attack on the same sample; accuracy under attack counts an example right only if the attack "
+             "failed to change its prediction within the budget.", ""]
+    lines += _table(["attack", "examples", "clean accuracy", "accuracy under attack", "success rate",
+                     "words perturbed", "queries"],
+                    [(name, r.get("n"), r.get("clean_accuracy"), r.get("attacked_accuracy"), r.get("success_rate"),
+                      pct(r.get("words_perturbed")), r.get("queries")) for name, r in robustness.items()])
+    rows = [(name, e.get("label"), e.get("perturbed_label"), _clip(e.get("original")), _clip(e.get("perturbed")))
+            for name, r in robustness.items() for e in r.get("examples") or []]
+    if rows:
+        lines += ["", "### Example perturbations", ""]
+        lines += _table(["attack", "label", "prediction after", "original", "perturbed"], rows)
+    return lines
 
 
 def _markdown(metrics: dict[str, Any], task: str, kind: str, plots: dict[str, Path],
@@ -244,10 +289,13 @@ def _markdown(metrics: dict[str, Any], task: str, kind: str, plots: dict[str, Pa
         else:
             lines += [f"{len(labels)} labels: too many for a table; see the plot and `metrics.json`."]
 
+    if metrics.get("robustness"):
+        lines += _robustness_lines(metrics["robustness"])
+
     if plots:
         lines += ["", "## Plots", ""]
         titles = {"confusion_matrix": "Confusion matrix", "reliability": "Reliability diagram",
-                  "training_curves": "Training curves"}
+                  "training_curves": "Training curves", "robustness": "Robustness"}
         for name, path in plots.items():
             lines += [f"![{titles.get(name, name)}]({path.name})", ""]
     return "\n".join(lines).rstrip() + "\n"
@@ -267,7 +315,8 @@ def write_report(
     """Write ``metrics.json``, ``report.md`` and whichever plots have their inputs; return the paths written.
 
     ``labels`` names the confusion-matrix axes when ``metrics`` has no ``labels`` entry. The reliability
-    diagram needs ``probs`` and ``y_true_idx``; the training curves need an existing ``train_log``.
+    diagram needs ``probs`` and ``y_true_idx``; the training curves need an existing ``train_log``; the
+    robustness table and plot, ``metrics["robustness"]`` (``sora.attack.robustness``).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -280,6 +329,8 @@ def write_report(
                                                           out_dir / "confusion_matrix.png")
     if probs is not None and y_true_idx is not None and len(y_true_idx):
         plots["reliability"] = reliability_plot(probs, y_true_idx, out_dir / "reliability.png")
+    if metrics.get("robustness"):
+        plots["robustness"] = robustness_plot(metrics["robustness"], out_dir / "robustness.png")
     if train_log is not None and Path(train_log).is_file():
         path = training_curves_plot(Path(train_log), out_dir / "training_curves.png")
         if path is not None:

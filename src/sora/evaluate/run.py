@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,13 @@ def pick_task(model: Sora, task: str | None) -> str:
 
 
 def evaluate_checkpoint(model: Sora, data: str | None = None, split: str = "test", task: str | None = None,
-                        out: str | Path | None = None, batch_size: int = 64) -> dict[str, Any]:
+                        out: str | Path | None = None, batch_size: int = 64, attacks: Sequence[str] | None = (),
+                        attack_examples: int | None = None, attack_options: dict[str, Any] | None = None
+                        ) -> dict[str, Any]:
+    """A task head on labelled data: its kind's metrics and the report. ``attacks`` (``sora.attack.ATTACKS``
+    names) adds ``metrics["robustness"]``, each attack on the same seeded sample of ``attack_examples``
+    (default 100); None runs ``sora evaluate``'s default (a cheap character attack) where the kind can be
+    attacked and notes why not where it cannot; () runs none."""
     name = pick_task(model, task)
     cfg = task_config(model, name)
     spec = model.model.head_specs[name]
@@ -56,6 +63,8 @@ def evaluate_checkpoint(model: Sora, data: str | None = None, split: str = "test
     scores = predict_scores(model.model, model.tokenizer, name, encoded, batch_size, model.encoder)  # ONNX too
     predictions = kind.predictions(spec, scores, examples, encoded)
     metrics = kind.metrics(spec, predictions, examples)
+    metrics = {**metrics, **attack_section(model, name, examples, attacks, attack_examples, attack_options or {},
+                                           batch_size)}
     extras = kind.report_inputs(spec, predictions, examples)
     out_dir = Path(out) if out else model.path.parent / f"eval-{name}-{split}"
     run_dir = model.path.parent if model.path.name == "model" else model.path.parent.parent
@@ -66,15 +75,34 @@ def evaluate_checkpoint(model: Sora, data: str | None = None, split: str = "test
             "files": {k: str(v) for k, v in files.items()}}
 
 
+def attack_section(model: Sora, name: str, examples: list[Any], attacks: Sequence[str] | None,
+                   max_examples: int | None, options: dict[str, Any], batch_size: int) -> dict[str, Any]:
+    """``{"robustness": {attack: summary}}``, or a note where the default attack cannot run on this kind."""
+    from sora.attack import DEFAULT_EVAL_ATTACKS, DEFAULT_EVAL_EXAMPLES, robustness
+
+    spec = model.model.head_specs[name]
+    if attacks is None:
+        if kind_of(spec).attack is None:
+            return {"robustness_note": f"not measured: a {spec.type} head predicts no single label to attack"}
+        attacks = DEFAULT_EVAL_ATTACKS
+    if not attacks:
+        return {}
+    n = DEFAULT_EVAL_EXAMPLES if max_examples is None else max_examples
+    return {"robustness": robustness(model, name, examples, attacks, n, batch_size=batch_size, **options)}
+
+
 def evaluate_model(model: Sora, data: str | None = None, split: str = "test", task: str | None = None,
                    out: str | Path | None = None, batch_size: int = 64, max_length: int | None = None,
-                   score_column: str | None = None, progress: bool = False) -> dict[str, Any]:
+                   score_column: str | None = None, progress: bool = False, attacks: Sequence[str] | None = None,
+                   attack_examples: int | None = None, attack_options: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
     """What ``sora evaluate`` runs, chosen by the data and the model:
 
     - ``data`` is a BEIR folder (corpus.jsonl, queries.jsonl, qrels/): retrieval (``evaluate_retrieval``);
     - ``score_column`` is given, or the model has no task heads: the correlation of the pairs' score with the
       cosine similarity of their embeddings (``similarity_correlation``; the score column auto-detected);
-    - otherwise a task head on labeled data (``evaluate_checkpoint``).
+    - otherwise a task head on labeled data (``evaluate_checkpoint``), with a robustness section: ``attacks``
+      None runs the default attack (``sora.attack.DEFAULT_EVAL_ATTACKS`` on a capped sample), () none.
 
     Every result has ``mode`` ("retrieval", "similarity" or "task"), ``data``, ``split``, ``metrics``, ``files``."""
     from sora.evaluate.retrieval import evaluate_retrieval, find_score_column, is_beir_dir, similarity_correlation
@@ -100,5 +128,5 @@ def evaluate_model(model: Sora, data: str | None = None, split: str = "test", ta
                                       max_length=max_length, out=out, progress=progress)
     if max_length:
         model.max_length = int(max_length)
-    result = evaluate_checkpoint(model, data, split, task, out, batch_size)
+    result = evaluate_checkpoint(model, data, split, task, out, batch_size, attacks, attack_examples, attack_options)
     return {"mode": "task", **result}

@@ -10,6 +10,7 @@ with one label each and whose head reads one vector per example; span QA and rel
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,6 +34,16 @@ from sora.models.heads import HeadSpec, head_logits
 from sora.text.tokenizer import SoraTokenizer
 
 
+@dataclass(frozen=True)
+class AttackInput:
+    """What ``sora.attack`` perturbs in a kind's examples: the first of ``fields`` (text attributes) an example has,
+    leaving the character spans of ``keep`` (attributes holding (start, end) over that text) untouched; each span
+    is shown marked by its tag where an outcome prints the text (``("head", "e1")``: ``<e1>…</e1>``)."""
+
+    fields: tuple[str, ...] = ("text",)
+    keep: tuple[tuple[str, str], ...] = ()
+
+
 class TaskKind:
     name: ClassVar[str]
     default_metric: ClassVar[str] = "accuracy"
@@ -46,6 +57,7 @@ class TaskKind:
     answers: ClassVar[bool] = False  # its heads answer questions: ``Sora.answer``, ``POST /v1/answer``
     max_length: ClassVar[int] = 128  # tokens per example when the recipe sets no data.max_length
     epochs: ClassVar[float | None] = None  # training length when the recipe sets none (None: finetune.SCHEDULES)
+    attack: ClassVar[AttackInput | None] = None  # what ``sora.attack`` edits (None: no single label to flip)
 
     # ---- rows ---------------------------------------------------------------------------------------------
 

@@ -11,13 +11,14 @@ import torch.nn.functional as F
 
 from sora.models.autoencoder import SoraModel
 from sora.models.heads import HeadSpec, head_features
-from sora.tasks.base import TaskKind
+from sora.tasks.base import AttackInput, TaskKind
 
 
 class Classification(TaskKind):
     name = "classification"
     default_metric = "accuracy"
     probe_init = True
+    attack = AttackInput(fields=("text_b", "text"))  # pairs: the second text (the hypothesis, as TextFooler does)
     headline = ("accuracy", "macro_f1", "micro_f1", "weighted_f1", "macro_precision", "macro_recall", "mcc",
                 "roc_auc", "ece", "n")
 

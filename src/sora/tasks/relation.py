@@ -21,7 +21,7 @@ from sora.data.tasks import TaskData
 from sora.metrics.semeval import semeval_scores
 from sora.models.autoencoder import SoraModel
 from sora.models.heads import HeadSpec, head_logits
-from sora.tasks.base import TaskKind
+from sora.tasks.base import AttackInput, TaskKind
 from sora.text.tokenizer import SoraTokenizer
 
 
@@ -34,6 +34,7 @@ class Relation(TaskKind):
     # more than the full-data schedule's one capped epoch: 3 epochs, as the HF Trainer's default.
     epochs = 3.0
     points = 1.0  # the official scorer's percentages
+    attack = AttackInput(keep=(("head", "e1"), ("tail", "e2")))  # never inside the entities
 
     def read_split(self, path: str | Path, task: TaskConfig, split: str, pair: bool | None,
                    require_labels: bool = True) -> tuple[list[RelationExample], bool]:
