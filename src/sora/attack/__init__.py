@@ -86,9 +86,9 @@ def attack(model: Sora | str | Path, texts: Sequence[Any], labels: Sequence[Any]
     Returns ``(outcomes, summary)``: per example the original and perturbed text, the perturbed ``input`` (to
     predict or train on), gold and predicted labels, success, fraction of words changed, queries."""
     if isinstance(model, str | Path):
-        import sora
+        from sora.api import load  # lazily: the attack package loads no model code up front
 
-        model = sora.load(model)
+        model = load(model)
     victim = Victim(model, task, batch_size)
     examples = victim.examples(texts, labels)
     outcomes = make_attack(method, victim, **options).run(examples)

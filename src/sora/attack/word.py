@@ -149,9 +149,9 @@ class WordAttack(Attack):
         self.lexicon = ({str(k).lower(): list(v) for k, v in lexicon.items()} if isinstance(lexicon, dict)
                         else None if lexicon is None else load_lexicon(str(lexicon)))
         if isinstance(encoder, str | Path):
-            import sora
+            from sora.api import load  # lazily, as the package
 
-            encoder = sora.load(encoder, device=str(victim.model.device))
+            encoder = load(encoder, device=str(victim.model.device))
         self.encoder = encoder or victim.model
         self.encoder_name = "the model" if encoder is None else str(self.encoder.path)
         self.min_similarity = float(min_similarity)
