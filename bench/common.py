@@ -11,8 +11,10 @@ import argparse
 import json
 import os
 import platform
+import random
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -173,3 +175,38 @@ def skip(name: str, reason: str) -> None:
     print(f"{name}: skipped: {reason}", file=sys.stderr)
     print(json.dumps({"skipped": reason}), flush=True)
     raise SystemExit(0)
+
+
+def log(msg: str) -> None:
+    """A timestamped progress line on stderr (stdout's last line is the JSON)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def seeded_sample(rows: list[Any], cap: int | None, seed: int) -> list[Any]:
+    """A seeded sample of ``cap`` rows (all of them without a cap), in their original order."""
+    if cap is None or len(rows) <= cap:
+        return rows
+    keep = set(random.Random(seed).sample(range(len(rows)), cap))
+    return [r for i, r in enumerate(rows) if i in keep]
+
+
+class SoraFailed(RuntimeError):
+    """A Sora command exited non-zero."""
+
+
+def run_sora(template: str, device: torch.device, threads: int, **fields: Any) -> tuple[str, float, list[str]]:
+    """Run one ``sora ...`` command from its template as a user does; (stdout, wall seconds, argv). With the
+    peer's threads and this checkout's Sora (the venv may hold another editable install). Non-zero: SoraFailed."""
+    argv = shlex.split(template.format(**{k: str(v) for k, v in fields.items()}))
+    if device.type == "cuda":
+        argv += ["--device", "cuda"]
+    exe = [str(Path(sys.executable).parent / "sora"), *argv[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO / "src")}
+    log(f"  $ {shlex.join(argv)}")
+    t0 = time.perf_counter()
+    proc = subprocess.run(exe, capture_output=True, text=True, env=env, cwd=REPO)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip() or proc.stdout.strip())[-800:]
+        raise SoraFailed(f"`{shlex.join(argv)}` exited {proc.returncode}: {tail}")
+    return proc.stdout, wall, argv

@@ -32,11 +32,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 import traceback
@@ -48,13 +46,17 @@ import torch
 from common import (
     REPO,
     SHARED_DATA,
+    SoraFailed,
     command_line,
     load_average,
+    log,
     machine_info,
     minilm_path,
     offline,
     resolve_device,
     result_path,
+    run_sora,
+    seeded_sample,
     write_json,
 )
 
@@ -92,12 +94,8 @@ BUDGETS = {  # train questions, epochs, max length, stride, validation cap, test
 }
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-class SoraFailed(RuntimeError):
-    """A Sora command exited non-zero."""
+def sample_rows(rows: list[dict[str, Any]], cap: int | None) -> list[dict[str, Any]]:
+    return seeded_sample(rows, cap, DATA_SEED)
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
@@ -120,14 +118,6 @@ def read_rows(name: str, split: str) -> list[dict[str, Any]]:
     return usable
 
 
-def sample(rows: list[dict[str, Any]], cap: int | None) -> list[dict[str, Any]]:
-    """A seeded sample of ``cap`` rows (all of them without a cap), in the file's order."""
-    if cap is None or len(rows) <= cap:
-        return rows
-    keep = set(random.Random(DATA_SEED).sample(range(len(rows)), cap))
-    return [r for i, r in enumerate(rows) if i in keep]
-
-
 def write_split(directory: Path, split: str, rows: list[dict[str, Any]]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     keys = ("id", "title", "context", "question", "answers")
@@ -145,10 +135,10 @@ def squad_data(b: dict[str, Any]) -> dict[str, Any]:
     selection never sees an evaluation question) and test; xquad_en (all splits) as a second test set."""
     xquad = [r for split in ("train", "validation", "test") for r in read_rows("xquad_en", split)]
     xquad_ids = {r["id"] for r in xquad}
-    train = sample(read_rows("squad_v1", "train"), b["train_questions"])
-    val = sample([r for r in read_rows("squad_v1", "validation") if r["id"] not in xquad_ids], b["max_val"])
-    test = sample(read_rows("squad_v1", "test"), b["max_test"])
-    xquad = sample(xquad, b["max_xquad"])
+    train = sample_rows(read_rows("squad_v1", "train"), b["train_questions"])
+    val = sample_rows([r for r in read_rows("squad_v1", "validation") if r["id"] not in xquad_ids], b["max_val"])
+    test = sample_rows(read_rows("squad_v1", "test"), b["max_test"])
+    xquad = sample_rows(xquad, b["max_xquad"])
     d = WORK / "data" / f"squad-q{len(train)}-v{len(val)}-t{len(test)}"
     xd = WORK / "data" / f"xquad_en-t{len(xquad)}"
     for split, rows in (("train", train), ("validation", val), ("test", test)):
@@ -158,9 +148,9 @@ def squad_data(b: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmrc_data(b: dict[str, Any]) -> dict[str, Any]:
-    train = sample(read_rows("cmrc2018", "train"), b["train_questions"])
-    val = sample(read_rows("cmrc2018", "validation"), b["max_val"])
-    test = sample(read_rows("cmrc2018", "test"), b["max_test"])
+    train = sample_rows(read_rows("cmrc2018", "train"), b["train_questions"])
+    val = sample_rows(read_rows("cmrc2018", "validation"), b["max_val"])
+    test = sample_rows(read_rows("cmrc2018", "test"), b["max_test"])
     d = WORK / "data" / f"cmrc2018-q{len(train)}-v{len(val)}-t{len(test)}"
     for split, rows in (("train", train), ("validation", val), ("test", test)):
         write_split(d, split, rows)
@@ -183,34 +173,13 @@ def sentences_file(path: Path, rows: list[dict[str, Any]]) -> Path:
 # ---- Sora -------------------------------------------------------------------------------------------------------
 
 
-def sora_env(threads: int) -> dict[str, str]:
-    # The same threads as the peer, and this checkout's Sora (the venv may hold another editable install).
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO / "src")}
-
-
-def run_cli(template: str, device: torch.device, threads: int, **fields: Any) -> tuple[str, float, list[str]]:
-    """Run one ``sora ...`` command from its template; (stdout, wall seconds, argv). Non-zero exit: SoraFailed."""
-    argv = shlex.split(template.format(**{k: str(v) for k, v in fields.items()}))
-    if device.type == "cuda":
-        argv += ["--device", "cuda"]
-    exe = [str(Path(sys.executable).parent / "sora"), *argv[1:]]
-    log(f"  $ {shlex.join(argv)}")
-    t0 = time.perf_counter()
-    proc = subprocess.run(exe, capture_output=True, text=True, env=sora_env(threads), cwd=REPO)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip() or proc.stdout.strip())[-800:]
-        raise SoraFailed(f"`{shlex.join(argv)}` exited {proc.returncode}: {tail}")
-    return proc.stdout, wall, argv
-
-
 def sora_qa(system: str, init: str, data: dict[str, Any], args: argparse.Namespace, b: dict[str, Any],
             device: torch.device, n_features: int) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """``sora finetune`` then ``sora evaluate`` on every evaluation set: ({set: cell}, training info)."""
     out = WORK / "work" / f"{system}-s{args.seed}"
     shutil.rmtree(out, ignore_errors=True)
     template = finetune_template(args, b)
-    stdout, wall, argv = run_cli(template, device, args.threads, init=init, data=data["dir"], seed=args.seed, out=out,
+    stdout, wall, argv = run_sora(template, device, args.threads, init=init, data=data["dir"], seed=args.seed, out=out,
                                  epochs=f"{b['epochs']:g}", max_length=b["max_length"], stride=b["stride"])
     # "model: OUT/model  (N steps, E s)": E is the training loop's time (its validation passes included).
     m = re.search(r"\((\d+) steps, ([\d.]+) s\)", stdout)
@@ -227,7 +196,7 @@ def sora_qa(system: str, init: str, data: dict[str, Any], args: argparse.Namespa
     cells = {}
     for name, (directory, rows) in data["sets"].items():
         report = out / f"eval-{name}"
-        _, eval_wall, eval_argv = run_cli(SORA_EVALUATE, device, args.threads, model=out / "model", data=directory,
+        _, eval_wall, eval_argv = run_sora(SORA_EVALUATE, device, args.threads, model=out / "model", data=directory,
                                           report=report)
         metrics = json.loads((report / "metrics.json").read_text())
         cells[name] = {"em": round(float(metrics["exact_match"]), 2), "f1": round(float(metrics["f1"]), 2),
@@ -251,7 +220,7 @@ def scratch_init(data: dict[str, Any], args: argparse.Namespace, b: dict[str, An
     shutil.rmtree(out, ignore_errors=True)
     train = sentences_file(WORK / "data" / "cmrc2018-sentences" / "train.jsonl", data["train"])
     val = sentences_file(WORK / "data" / "cmrc2018-sentences" / "validation.jsonl", validation)
-    stdout, wall, argv = run_cli(SORA_PRETRAIN, device, args.threads, train=train, validation=val, out=out,
+    stdout, wall, argv = run_sora(SORA_PRETRAIN, device, args.threads, train=train, validation=val, out=out,
                                  steps=b["scratch_steps"], seed=args.seed)
     line = next((ln for ln in stdout.splitlines() if ln.startswith("model:")), "")
     return str(out), {"command": shlex.join(argv), "wall_s": round(wall, 1), "summary": line.strip(),

@@ -28,11 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 import traceback
@@ -43,13 +41,17 @@ import torch
 from common import (
     REPO,
     SHARED_DATA,
+    SoraFailed,
     command_line,
     load_average,
+    log,
     machine_info,
     minilm_path,
     offline,
     resolve_device,
     result_path,
+    run_sora,
+    seeded_sample,
     write_json,
 )
 
@@ -74,12 +76,8 @@ BUDGETS = {"cpu": {"max_train": None, "max_val": None, "max_test": None, "epochs
            "quick": {"max_train": 200, "max_val": 100, "max_test": 100, "epochs": 1.0}}
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-class SoraFailed(RuntimeError):
-    """A Sora command exited non-zero."""
+def sample_rows(rows: list[dict[str, Any]], cap: int | None) -> list[dict[str, Any]]:
+    return seeded_sample(rows, cap, DATA_SEED)
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
@@ -90,18 +88,11 @@ def read_rows(split: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def sample(rows: list[dict[str, Any]], cap: int | None) -> list[dict[str, Any]]:
-    if cap is None or len(rows) <= cap:
-        return rows
-    keep = set(random.Random(DATA_SEED).sample(range(len(rows)), cap))
-    return [r for i, r in enumerate(rows) if i in keep]
-
-
 def make_data(b: dict[str, Any]) -> Path:
     """The rows every system reads, as the dataset has them (inline <e1>/<e2> markers)."""
-    splits = {"train": sample(read_rows("train"), b["max_train"]),
-              "validation": sample(read_rows("validation"), b["max_val"]),
-              "test": sample(read_rows("test"), b["max_test"])}
+    splits = {"train": sample_rows(read_rows("train"), b["max_train"]),
+              "validation": sample_rows(read_rows("validation"), b["max_val"]),
+              "test": sample_rows(read_rows("test"), b["max_test"])}
     d = WORK / "data" / "-".join(f"{k[0]}{len(v)}" for k, v in splits.items())
     d.mkdir(parents=True, exist_ok=True)
     for split, rows in splits.items():
@@ -117,31 +108,14 @@ def labels() -> list[str]:
 # ---- Sora -------------------------------------------------------------------------------------------------------
 
 
-def run_cli(template: str, device: torch.device, threads: int, **fields: Any) -> tuple[str, float, list[str]]:
-    argv = shlex.split(template.format(**{k: str(v) for k, v in fields.items()}))
-    if device.type == "cuda":
-        argv += ["--device", "cuda"]
-    exe = [str(Path(sys.executable).parent / "sora"), *argv[1:]]
-    # The same threads as the peer, and this checkout's Sora (the venv may hold another editable install).
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO / "src")}
-    log(f"  $ {shlex.join(argv)}")
-    t0 = time.perf_counter()
-    proc = subprocess.run(exe, capture_output=True, text=True, env=env, cwd=REPO)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip() or proc.stdout.strip())[-800:]
-        raise SoraFailed(f"`{shlex.join(argv)}` exited {proc.returncode}: {tail}")
-    return proc.stdout, wall, argv
-
-
-def run_sora(data: Path, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def sora_relation(data: Path, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     out = WORK / "work" / f"sora-s{args.seed}"
     shutil.rmtree(out, ignore_errors=True)
-    stdout, wall, argv = run_cli(SORA_FINETUNE, device, args.threads, data=data, seed=args.seed, out=out)
+    stdout, wall, argv = run_sora(SORA_FINETUNE, device, args.threads, data=data, seed=args.seed, out=out)
     m = re.search(r"\((\d+) steps, ([\d.]+) s\)", stdout)  # "model: OUT/model  (N steps, E s)"
     config = json.loads((out / "model" / "config.json").read_text())
     report = out / "eval-test"
-    _, eval_wall, eval_argv = run_cli(SORA_EVALUATE, device, args.threads, model=out / "model", data=data,
+    _, eval_wall, eval_argv = run_sora(SORA_EVALUATE, device, args.threads, model=out / "model", data=data,
                                       report=report)
     metrics = json.loads((report / "metrics.json").read_text())
     cell = {"macro_f1": round(float(metrics["macro_f1"]), 2), "accuracy": round(float(metrics["accuracy"]), 2),
@@ -286,7 +260,7 @@ def main() -> None:
     for system in [s for s in SYSTEMS if s in args.systems]:
         log(system)
         try:
-            cell = run_sora(data, args, device) if system == "sora" else run_hf(data, args, device, b["epochs"])
+            cell = sora_relation(data, args, device) if system == "sora" else run_hf(data, args, device, b["epochs"])
         except Exception as exc:  # one broken system must not lose the other
             msg = f"{exc.__class__.__name__}: {exc}"
             if isinstance(exc, SoraFailed):

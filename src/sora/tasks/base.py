@@ -174,26 +174,39 @@ class TaskKind:
         """What predictions are made from: probabilities, or the value."""
         return torch.softmax(logits.float(), dim=-1)
 
+    def batch_outputs(self, encoder: Any, model: SoraModel, name: str,
+                      batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What ``predict`` keeps of one batch, a row per encoded row (here the scores)."""
+        return self.scores(model.head_specs[name], self.logits(encoder, model, name, batch))
+
     @torch.inference_mode()
-    def predict(self, model: SoraModel, tokenizer: SoraTokenizer, name: str, encoded: list[dict[str, Any]],
-                batch_size: int = 64, encoder: Any = None) -> Any:
-        """Scores per encoded row, in order (longest-first batches for little padding). ``encoder`` computes
-        what the head reads: ``model`` by default, or an ``OnnxEncoder`` — the compression gate and the server
-        both come here, so the gate measures what is served."""
-        spec, encoder = model.head_specs[name], model if encoder is None else encoder
+    def batched(self, model: SoraModel, tokenizer: SoraTokenizer, name: str, encoded: list[dict[str, Any]],
+                batch_size: int, encoder: Any) -> Iterator[tuple[list[int], np.ndarray]]:
+        """(row indices, ``batch_outputs``) over longest-first batches (little padding), in eval mode."""
+        encoder = model if encoder is None else encoder
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]["ids"]))
+        try:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                rows = self.collate([encoded[i] for i in idx], tokenizer.pad_id)
+                batch = {k: v.to(device) for k, v in rows.items()}
+                yield idx, self.batch_outputs(encoder, model, name, batch).float().cpu().numpy()
+        finally:
+            model.train(was_training)
+
+    def predict(self, model: SoraModel, tokenizer: SoraTokenizer, name: str, encoded: list[dict[str, Any]],
+                batch_size: int = 64, encoder: Any = None) -> Any:
+        """Scores per encoded row, in order. ``encoder`` computes what the head reads: ``model`` by default, or
+        an ``OnnxEncoder`` — the compression gate and the server both come here, so the gate measures what is
+        served."""
         out: np.ndarray | None = None
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = {k: v.to(device) for k, v in self.collate([encoded[i] for i in idx], tokenizer.pad_id).items()}
-            s = self.scores(spec, self.logits(encoder, model, name, batch)).float().cpu().numpy()
+        for idx, s in self.batched(model, tokenizer, name, encoded, batch_size, encoder):
             if out is None:
                 out = np.zeros((len(encoded), *s.shape[1:]), dtype=np.float32)
             out[idx] = s
-        model.train(was_training)
         return out if out is not None else np.zeros((0,), dtype=np.float32)
 
     def predictions(self, spec: HeadSpec, scores: Any, examples: list[Any],

@@ -136,24 +136,17 @@ class QA(TaskKind):
         q = logits.float().masked_fill(pad, -1e4).log_softmax(1)
         return (t.exp() * (t - q)).sum(1).mean()
 
-    @torch.inference_mode()
+    def batch_outputs(self, encoder: Any, model: SoraModel, name: str,
+                      batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack(self.span_logits(encoder, model, name, batch), -1)
+
     def predict(self, model: SoraModel, tokenizer: SoraTokenizer, name: str, encoded: list[dict[str, Any]],
                 batch_size: int = 64, encoder: Any = None) -> list[np.ndarray]:
-        """(tokens, 2) start/end logits per window, in order."""
-        encoder = model if encoder is None else encoder
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]["ids"]))
+        """(tokens, 2) start/end logits per window, in order (each window its own length)."""
         out: list[np.ndarray] = [np.zeros((0, 2), dtype=np.float32)] * len(encoded)
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
-            batch = {k: v.to(device) for k, v in self.collate([encoded[i] for i in idx], tokenizer.pad_id).items()}
-            start, end = self.span_logits(encoder, model, name, batch)
-            both = torch.stack([start, end], -1).cpu().numpy()
+        for idx, both in self.batched(model, tokenizer, name, encoded, batch_size, encoder):
             for row, i in enumerate(idx):
                 out[i] = both[row, : len(encoded[i]["ids"])]
-        model.train(was_training)
         return out
 
     def predictions(self, spec: HeadSpec, scores: list[np.ndarray], examples: list[QAExample],
