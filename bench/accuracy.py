@@ -660,6 +660,17 @@ def setfit_default_steps(labels: list[str]) -> int:
 
 
 def run_setfit_defaults(run: Run) -> dict[str, Any]:
+    model, seconds, steps = train_setfit_defaults(run)
+    labels = run.split.labels
+    pred = model.predict([e.text for e in run.split.test], batch_size=128, as_numpy=True) if run.split.test else []
+    res = score(run.dataset, labels_of(run.split.test), [labels[int(i)] for i in pred], labels)
+    res.update(seconds=seconds, steps=steps)  # SetFit logs the same count ("Num unique pairs" / batch 16)
+    del model
+    return res
+
+
+def train_setfit_defaults(run: Run) -> tuple[Any, float, int]:
+    """SetFit as its users run it: (the trained SetFitModel, seconds, steps). Also bench/robustness.py's peer."""
     from datasets import Dataset as HFDataset
     from setfit import SetFitModel, Trainer, TrainingArguments
 
@@ -681,15 +692,25 @@ def run_setfit_defaults(run: Run) -> dict[str, Any]:
     trainer = Trainer(model=model, args=args, train_dataset=train)
     trainer.train()
     seconds = time.perf_counter() - t0
-    pred = model.predict([e.text for e in run.split.test], batch_size=128, as_numpy=True) if run.split.test else []
-    res = score(run.dataset, labels_of(run.split.test), [labels[int(i)] for i in pred], labels)
-    res.update(seconds=seconds, steps=steps)  # SetFit logs the same count ("Num unique pairs" / batch 16)
-    del trainer, model
+    del trainer
     shutil.rmtree(run.workdir / "setfit-defaults", ignore_errors=True)
-    return res
+    return model, seconds, steps
 
 
 def run_hf_defaults(run: Run) -> dict[str, Any]:
+    trainer, encode, seconds, steps = train_hf_defaults(run)
+    labels = run.split.labels
+    pred = trainer.predict(encode(run.split.test)).predictions.argmax(-1) if run.split.test else []
+    res = score(run.dataset, labels_of(run.split.test), [labels[i] for i in pred], labels)
+    res.update(seconds=seconds, steps=steps)
+    del trainer
+    shutil.rmtree(run.workdir / "hf-defaults", ignore_errors=True)
+    return res
+
+
+def train_hf_defaults(run: Run) -> tuple[Any, Callable[[list[Example]], list[dict[str, Any]]], float, int]:
+    """The HF Trainer as its users run it: (the trained Trainer, the row encoder, seconds, steps). Also
+    bench/robustness.py's peer."""
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -721,13 +742,7 @@ def run_hf_defaults(run: Run) -> dict[str, Any]:
     trainer = Trainer(model=model, args=args, train_dataset=encode(run.split.train),
                       data_collator=DataCollatorWithPadding(tok))
     result = trainer.train()
-    seconds = time.perf_counter() - t0
-    pred = trainer.predict(encode(run.split.test)).predictions.argmax(-1) if run.split.test else []
-    res = score(run.dataset, labels_of(run.split.test), [labels[i] for i in pred], labels)
-    res.update(seconds=seconds, steps=int(result.global_step))
-    del trainer, model
-    shutil.rmtree(out, ignore_errors=True)
-    return res
+    return trainer, encode, time.perf_counter() - t0, int(result.global_step)
 
 
 def run_frozen_defaults(run: Run) -> dict[str, Any]:

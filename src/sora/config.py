@@ -302,7 +302,13 @@ class AdversarialConfig(_Strict):
     - ``smart`` (Jiang et al. 2020, mt-dnn's defaults): ``lambda_`` 1.0, ``noise`` 1e-5 (σ of the start),
       ``steps`` 1, ``adv_lr`` 1e-3 (the step size η), ``epsilon`` 1.0 (the radius of the per-token ℓ∞-normalised
       perturbation; mt-dnn's is 1); loss = clean + λ · symmetric divergence of clean and perturbed predictions
-      (KL for classes, Bernoulli KL per label, squared error for a value, KL of QA's start and end).
+      (KL for classes, Bernoulli KL per label, squared error for a value, KL of QA's start and end);
+    - ``examples`` (adversarial examples as data, the seed's X_adv): ``attack`` "word" (a name in ``sora.attack
+      .ATTACKS``) run by ``sora.attack`` on the model being trained over a seeded sample of ``pool`` 512 training
+      examples, remade every ``every`` steps (0: at the start and after each validation); each step adds the
+      loss on a batch of the attacked copies (the strongest perturbation found within the budget, flipped
+      or not) to the clean loss. ``attack_options`` go to the attack
+      (e.g. ``{lexicon: PATH, max_words: 0.2}``).
     """
 
     method: str = "none"  # none | a name in sora.objectives.adversarial.ADVERSARIAL
@@ -312,6 +318,10 @@ class AdversarialConfig(_Strict):
     init_mag: float | None = Field(None, ge=0)
     lambda_: float | None = Field(None, ge=0)
     noise: float | None = Field(None, ge=0)
+    attack: str | None = None
+    every: int | None = Field(None, ge=0)
+    pool: int | None = Field(None, ge=1)
+    attack_options: dict[str, Any] | None = None
 
 
 class FinetuneRecipe(_Strict):

@@ -75,9 +75,10 @@ class Adversarial(nn.Module):
     """A wrapped objective trained on perturbed inputs; subclasses give ``adversarial_loss``."""
 
     name: ClassVar[str]
-    defaults: ClassVar[dict[str, float]]  # the settings the method reads, with their defaults
+    defaults: ClassVar[dict[str, Any]]  # the settings the method reads, with their defaults
+    makes_examples: ClassVar[bool] = False  # trains on attacked copies of the data (fine-tuning makes them)
 
-    def __init__(self, objective: nn.Module, **settings: float):
+    def __init__(self, objective: nn.Module, **settings: Any):
         super().__init__()
         unread = sorted(set(settings) - set(self.defaults))
         if unread:
@@ -259,11 +260,43 @@ class SMART(Adversarial):
             last.deltas
 
 
+ADVERSARIAL_PREFIX = "adv:"  # batch keys of the attacked copies riding beside a task's clean batch
+
+
+class Examples(Adversarial):
+    """Adversarial examples as data (the seed's L_AT = (1/N) Σ ℓ(M_θ(X_adv), Y) literally): loss = clean loss +
+    the loss on a batch of attacked copies of training examples. The copies are text, made by ``sora.attack`` on
+    the model being trained (``sora.train.adversarial_data.ExamplePool``, which fine-tuning sets up for every
+    wrapper with ``makes_examples``); they ride in the batch under ``ADVERSARIAL_PREFIX``. Until the first
+    copies exist (or for a task whose batch carries none) this is the clean loss."""
+
+    name = "examples"
+    defaults = {"attack": "word", "every": 0, "pool": 512, "attack_options": {}}
+    makes_examples: ClassVar[bool] = True
+
+    @property
+    def forwards(self) -> int:
+        return 2  # the clean batch and the attacked batch (the attacks' own queries are counted apart)
+
+    @property
+    def backwards(self) -> int:
+        return 2
+
+    def adversarial_loss(self, model, batch):
+        clean = self.objective(model, batch)
+        attacked = {k[len(ADVERSARIAL_PREFIX):]: v for k, v in batch.items() if k.startswith(ADVERSARIAL_PREFIX)}
+        own = getattr(self.objective, "prefix", "")
+        if not any(k.startswith(own) for k in attacked):
+            return clean, []
+        return clean + self.objective(model, attacked), []
+
+
 ADVERSARIAL: dict[str, type[Adversarial]] = {cls.name: cls for cls in (
     FGM,
     PGD,
     FreeLB,
     SMART,
+    Examples,
 )}
 
 

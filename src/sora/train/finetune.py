@@ -38,6 +38,7 @@ from sora.objectives import TaskLoss, build_adversarial, build_objective
 from sora.objectives.adversarial import Adversarial
 from sora.tasks import kind_of, scalar_metrics
 from sora.text.tokenizer import SoraTokenizer
+from sora.train.adversarial_data import ExamplePool
 from sora.train.distributed import finish, setup, teardown
 from sora.train.loop import TrainState, fit
 from sora.train.pretrain import build_model
@@ -324,6 +325,10 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
             print(f"adversarial training: {adversarial['method']} ({adversarial['settings']}), "
                   f"{adversarial['forwards']} forward and {adversarial['backwards']} backward passes per task and step "
                   "(plain: 1 and 1)", flush=True)
+        # Adversarial examples as data: attacked copies of each task's training set, remade as the model learns.
+        pools = {name: ExamplePool(model, tokenizer, name, dict(tasks)[name], d.max_length, objective.settings,
+                                   fcfg.seed, f"{name}/" if multi else "", d.batch_size)
+                 for name, (_, objective) in objectives.items() if getattr(objective, "makes_examples", False)}
         if fcfg.aux_denoise_weight > 0:
             if model.decoder is None and recipe.objectives[0].name != "mlm":  # MLM needs only the encoder
                 raise ConfigError("aux_denoise_weight > 0 needs a model with a decoder (or objectives: [{name: mlm}])")
@@ -352,7 +357,20 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
         longest_batches = max(math.ceil(len(encoded[n]) / d.batch_size) for n, _ in tasks)
         rank_batches = len(range(dist.rank, longest_batches, dist.world_size))
 
+        def refresh(pool: ExamplePool, step: int) -> None:
+            record = pool.refresh(step)
+            if dist.is_main:
+                print(f"adversarial examples for {pool.name!r} at step {step}: {record['kept']} perturbed "
+                      f"copies of {record['attacked']} training examples by the {record['attack']} attack, "
+                      f"{record['flipped']} of them flipped ({record['seconds']} s)", flush=True)
+
+        validations = [0]  # the selector's evaluation count when the pools were last looked at
+
         def batches(epoch: int):
+            for pool in pools.values():
+                if pool.refreshes == 0:  # here, not before fit: the model is on its device now
+                    refresh(pool, 0)
+                    validations[0] = selector.evaluations  # the starting point's evaluation is not a cue
             streams = [kinds[n].batches(encoded[n], targets[n], d.batch_size, tokenizer.pad_id, seed=fcfg.seed,
                                         epoch=epoch, prefix=f"{n}/" if multi else "") for n, _ in tasks]
             # Every step carries one batch of each task (smaller tasks cycle) and, with α > 0, unlabeled text.
@@ -365,6 +383,8 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
                 batch = {k: v for part in parts for k, v in part.items()}
                 if aux is not None:
                     batch.update({"aux_" + k: v for k, v in next(aux).items()})
+                for pool in pools.values():
+                    batch.update(pool.batch(epoch, i))
                 yield batch
 
         selector = Selector(model, tokenizer, [(n, t) for n, t in tasks if t.validation], d.max_length,
@@ -379,15 +399,22 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
             selector.on_step(state, m)
             if unfreeze:
                 unfreeze(state)
+            validated, validations[0] = selector.evaluations != validations[0], selector.evaluations
+            for pool in pools.values():
+                if not (state.stop or state.step >= max_steps) and pool.due(state.step, validated):
+                    refresh(pool, state.step)
 
         info = {"recipe": recipe.model_dump(), "kind": "finetune"}
         state = fit(model, tokenizer, objectives, batches, train_cfg, out, dist, info=info, resume=resume,
                     lr_scale=layer_lr_scale(model, fcfg.layer_lr_decay, fcfg.head_lr_multiplier),
-                    evaluate=selector, on_step=on_step, stateful={"selector": selector},
+                    evaluate=selector, on_step=on_step,
+                    stateful={"selector": selector, **{f"adversarial_{n}": p for n, p in pools.items()}},
                     evaluate_first=True)  # the starting point is a candidate: fine-tuning must beat it to count
         summary: dict[str, Any] = {"output": str(out), "steps": state.step, "elapsed_s": round(state.elapsed_s, 1)}
         if adversarial:
             summary["adversarial"] = adversarial
+            if pools:
+                summary["adversarial"]["examples"] = {n: p.history for n, p in pools.items()}
         if dist.is_main:
             if selector.best_state is not None:
                 model.load_state_dict(selector.best_state)
