@@ -20,11 +20,12 @@ from sora.models.autoencoder import SoraModel
 from sora.models.checkpoint import save_checkpoint
 from sora.models.heads import HeadSpec, add_head
 from sora.objectives import ADVERSARIAL, TaskLoss, build_adversarial
-from sora.objectives.adversarial import FGM, PGD, SMART, FreeLB, Perturbation
+from sora.objectives.adversarial import ADVERSARIAL_PREFIX, FGM, PGD, SMART, Examples, FreeLB, Perturbation
 from sora.objectives.reconstruction import Reconstruction
 from sora.tasks import kind_of
 from sora.text.tokenizer import train_tokenizer
-from sora.train.finetune import run_finetune
+from sora.train.adversarial_data import ExamplePool
+from sora.train.finetune import head_spec, run_finetune
 
 CFG = ModelConfig(vocab_size=60, dim=32, layers=1, heads=2, ffn_dim=64, code_dim=16, decoder_layers=0, dropout=0.0,
                   max_length=64)
@@ -258,7 +259,7 @@ def test_methods_run_on_siamese_pairs_qa_and_relations(kind, method):
 
 
 def test_registry_defaults_and_refusals():
-    assert set(ADVERSARIAL) == {"fgm", "pgd", "freelb", "smart"}
+    assert set(ADVERSARIAL) == {"fgm", "pgd", "freelb", "smart", "examples"}
     assert all(cls.name == name for name, cls in ADVERSARIAL.items())
     assert FreeLB.defaults == {"steps": 2, "adv_lr": 0.1, "init_mag": 0.6, "epsilon": 0.0}
     assert SMART.defaults == {"lambda_": 1.0, "noise": 1e-5, "steps": 1, "adv_lr": 1e-3, "epsilon": 1.0}
@@ -320,7 +321,8 @@ def test_the_cli_flag_sets_the_method(init_checkpoint, tmp_path, capsys, monkeyp
     with pytest.raises(SystemExit) as exc:
         sora_cli.main()
     assert exc.value.code == 2
-    assert "adversarial.method: unknown 'vat' (choose from none, fgm, pgd, freelb, smart)" in capsys.readouterr().err
+    assert ("adversarial.method: unknown 'vat' (choose from none, fgm, pgd, freelb, smart, examples)"
+            in capsys.readouterr().err)
 
 
 def test_kinds_measure_divergence_not_the_objectives():
@@ -329,3 +331,77 @@ def test_kinds_measure_divergence_not_the_objectives():
     logits = torch.randn(4, 10, 2)
     changed_at_padding = logits.masked_fill(~batch["attention_mask"].unsqueeze(-1), 7.0)
     assert float(kind.divergence(SPECS["qa"], logits, changed_at_padding, batch)) == pytest.approx(0.0, abs=1e-6)
+
+
+# ---- adversarial examples as data -----------------------------------------------------------------------------
+
+
+def test_the_examples_wrapper_adds_the_loss_on_the_attacked_copies():
+    model, objective = tiny()
+    model.eval()  # no dropout: the same batch gives the same loss
+    wrapper = Examples(objective).train()
+    batch = batch_for("classification")
+    clean = objective(model, batch)
+    assert torch.allclose(wrapper(model, batch), clean)  # no copies yet: the clean loss
+    attacked = {ADVERSARIAL_PREFIX + k: v.flip(0) for k, v in batch.items()}
+    both = wrapper(model, {**batch, **attacked})
+    assert torch.allclose(both, clean + objective(model, {k: v.flip(0) for k, v in batch.items()}), atol=1e-6)
+    other = Examples(TaskLoss("t", "classification", prefix="other/")).train()  # copies of another task only
+    assert torch.allclose(other(model, {**{f"other/{k}": v for k, v in batch.items()}, **attacked}), clean)
+    with pytest.raises(ConfigError, match="adversarial.epsilon: examples does not read it"):
+        wrapped("examples", objective, epsilon=1.0)
+
+
+def test_the_example_pool_attacks_the_training_set_and_draws_reproducible_batches(init_checkpoint):
+    import dataclasses
+    from pathlib import Path
+
+    from sora.api import Sora
+    from sora.config import TaskConfig
+    from sora.models.checkpoint import load_checkpoint
+
+    model, tokenizer, _ = load_checkpoint(init_checkpoint)
+    task = TaskConfig(data=str(SAMPLE))
+    data = kind_of(task).load(task)
+    add_head(model, "task", head_spec(task, data))
+    model.eval()
+    # Gold labels = the model's own answers: the attack skips none of them.
+    answers = Sora(model, tokenizer, {"recipe": {"data": {"max_length": 32}}}, Path("."), torch.device("cpu")).predict(
+        [e.text for e in data.train])
+    data = dataclasses.replace(data, train=[dataclasses.replace(e, label=a["task"]["label"])
+                                            for e, a in zip(data.train, answers, strict=True)])
+    settings = {"attack": "char", "every": 0, "pool": 6, "attack_options": {"max_words": 0.5}}
+    pool = ExamplePool(model, tokenizer, "task", data, 32, settings, seed=3, batch_size=4)
+    assert pool.batch(0, 0) == {}  # nothing before the first refresh
+    record = pool.refresh(0)
+    assert record["attacked"] == 6 and record["kept"] >= 3 and len(pool.rows) == record["kept"]
+    originals = {tuple(r["ids"]) for r in kind_of(task).encode(data.train, model.head_specs["task"], tokenizer, 32)}
+    assert all(tuple(r["ids"]) not in originals for r in pool.rows)  # every copy is perturbed
+    batch = pool.batch(1, 2)
+    assert set(batch) >= {ADVERSARIAL_PREFIX + "input_ids", ADVERSARIAL_PREFIX + "labels"}
+    assert len(batch[ADVERSARIAL_PREFIX + "labels"]) == min(4, record["kept"])
+    restored = ExamplePool(model, tokenizer, "task", data, 32, settings, seed=3, batch_size=4)
+    restored.load_state_dict(json.loads(json.dumps({k: v for k, v in pool.state_dict().items() if k != "targets"}))
+                             | {"targets": pool.targets})  # as a checkpoint stores it (rows through JSON)
+    again = restored.batch(1, 2)
+    assert all(torch.equal(batch[k], again[k]) for k in batch)
+    assert pool.due(10, validated=True) and not pool.due(10, validated=False)
+    with pytest.raises(ConfigError, match="attack_options.lexicon: the char attack does not take it"):
+        ExamplePool(model, tokenizer, "task", data, 32, {**settings, "attack_options": {"lexicon": "x"}}, seed=3)
+
+
+def test_finetune_with_adversarial_examples_end_to_end(init_checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = run_finetune(load_finetune_recipe(None, {
+        "finetune.init": str(init_checkpoint), "output": str(out), "tasks.0.data": str(SAMPLE),
+        "data.max_length": 32, "finetune.max_steps": 6, "finetune.head_init": "zero", "train.progress": False,
+        "train.device": "cpu", "adversarial.method": "examples", "adversarial.attack": "char",
+        "adversarial.every": 2, "adversarial.pool": 8}))
+    printed = capsys.readouterr().out
+    assert "adversarial examples for 'task' at step 0" in printed
+    history = summary["adversarial"]["examples"]["task"]
+    assert [h["step"] for h in history] == [0, 2, 4]  # at the start, then every 2 steps (not after the last)
+    assert all(h["attacked"] == 8 and h["attack"] == "char" for h in history)
+    assert summary["adversarial"]["forwards"] == 2
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if "task" in r]) == 6

@@ -145,7 +145,7 @@ def finetune(
     max_length: Annotated[int | None, typer.Option()] = None,
     aux_weight: Annotated[float | None, typer.Option(help="α of continued denoising on unlabeled text")] = None,
     unlabeled: Annotated[str | None, typer.Option(help="unlabeled text for the auxiliary loss")] = None,
-    adversarial: Annotated[str | None, typer.Option(help="adversarial training: none|fgm|pgd|freelb|smart "
+    adversarial: Annotated[str | None, typer.Option(help="adversarial training: none|fgm|pgd|freelb|smart|examples "
                                                          "(sora.objectives.ADVERSARIAL; settings: --set "
                                                          "adversarial.KEY=...)")] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="run directory")] = None,
