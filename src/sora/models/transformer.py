@@ -3,6 +3,7 @@
 ``norm="pre"`` is Sora's own encoder (stable from scratch); ``norm="post"`` reproduces BERT so the
 weights of a local BERT-style model (all-MiniLM-L6-v2) load into the same code.
 Attention goes through ``F.scaled_dot_product_attention``, which picks a fused kernel where it can.
+The decoder decodes incrementally with a ``DecoderCache`` (generation: ``sora.models.generate``).
 """
 
 from __future__ import annotations
@@ -61,6 +62,46 @@ class Unpad:
         return torch.cat([y, y.new_zeros(extra, y.shape[1])]) if extra else y
 
 
+@dataclass
+class KV:
+    """One attention's keys and values, (B, heads, length, head_dim) each, kept between decoding steps: a
+    self-attention's grow by the tokens of every call, a cross-attention's are computed once from the memory."""
+
+    key: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor) -> None:
+        if self.key is not None and self.value is not None:
+            self.key, self.value = self.key.index_select(0, index), self.value.index_select(0, index)
+
+
+class DecoderCache:
+    """What incremental decoding keeps between calls of ``Decoder.forward(..., cache=)``, so that decoding token
+    t costs attention over t keys instead of recomputing the t-token prefix: per layer the self-attention's keys
+    and values (appended each call) and the cross-attention's (computed from the memory on the first call); the
+    tokens decoded so far (``length``: where the next positions start); the key mask of the decoded tokens when
+    any call passed one (None: no padding); the memory mask. Empty when made: the decoder fills it."""
+
+    def __init__(self) -> None:
+        self.layers: list[tuple[KV, KV]] = []
+        self.length = 0
+        self.mask: torch.Tensor | None = None  # (B, length) bool
+        self.memory_mask: torch.Tensor | None = None  # (B, 1, 1, S) bool
+
+    def reorder(self, index: torch.Tensor, memory: bool = True) -> None:
+        """Keep rows ``index`` (B',) of the batch, in that order (beam search: the beams chosen at a step).
+        ``memory=False`` leaves the cross-attention keys as they are, right when ``index`` only moves rows among
+        copies of the same memory (the beams of one source)."""
+        for own, cross in self.layers:
+            own.select(index)
+            if memory:
+                cross.select(index)
+        if self.mask is not None:
+            self.mask = self.mask.index_select(0, index)
+        if memory and self.memory_mask is not None:
+            self.memory_mask = self.memory_mask.index_select(0, index)
+
+
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
                    causal: bool = False) -> torch.Tensor:
     """SDPA written with plain ops, for inference only (no dropout): ONNX export's fallback, should the exporter
@@ -96,16 +137,28 @@ class Attention(nn.Module):
         return x.view(b, t, self.heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, memory: torch.Tensor | None = None,
-                causal: bool = False, unpad: Unpad | None = None) -> torch.Tensor:
+                causal: bool = False, unpad: Unpad | None = None, cache: KV | None = None) -> torch.Tensor:
         """``mask``: bool (B, 1, 1 or T, S), True where attention is allowed. With ``unpad``, ``x`` and the
-        result are the real tokens only (N, dim)."""
+        result are the real tokens only (N, dim). With ``cache`` (incremental decoding) a self-attention attends
+        to the cached keys and values plus those of ``x``, and keeps them all; a cross-attention computes the
+        memory's once and reuses them (``memory`` is then unused)."""
         if self.cross:
-            q = self.q(x)
-            k, v = self.kv(memory).chunk(2, dim=-1)
+            q = self._split(self.q(x))
+            if cache is not None and cache.key is not None:
+                k, v = cache.key, cache.value
+            else:
+                k, v = self.kv(memory).chunk(2, dim=-1)
+                k, v = self._split(k), self._split(v)
+                if cache is not None:
+                    cache.key, cache.value = k, v
         else:
             qkv = self.qkv(x)
             q, k, v = (unpad.pad(qkv) if unpad is not None else qkv).chunk(3, dim=-1)
-        q, k, v = self._split(q), self._split(k), self._split(v)
+            q, k, v = self._split(q), self._split(k), self._split(v)
+            if cache is not None:
+                if cache.key is not None:
+                    k, v = torch.cat([cache.key, k], dim=2), torch.cat([cache.value, v], dim=2)
+                cache.key, cache.value = k, v
         if self.sdpa:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
@@ -148,10 +201,13 @@ class Block(nn.Module):
             return x + self.drop(fn(norm(x)))
         return norm(x + self.drop(fn(x)))
 
-    def forward(self, x, mask=None, memory=None, memory_mask=None, causal=False, unpad=None):
-        x = self._residual(x, self.attn_norm, lambda h: self.attn(h, mask, causal=causal, unpad=unpad))
+    def forward(self, x, mask=None, memory=None, memory_mask=None, causal=False, unpad=None,
+                cache: tuple[KV, KV] | None = None):
+        """``cache``: this layer's (self-attention, cross-attention) keys and values (``DecoderCache``)."""
+        own, cross = cache if cache is not None else (None, None)
+        x = self._residual(x, self.attn_norm, lambda h: self.attn(h, mask, causal=causal, unpad=unpad, cache=own))
         if self.cross is not None:
-            x = self._residual(x, self.cross_norm, lambda h: self.cross(h, memory_mask, memory=memory))
+            x = self._residual(x, self.cross_norm, lambda h: self.cross(h, memory_mask, memory=memory, cache=cross))
         return self._residual(x, self.ffn_norm, self.ffn)
 
 
@@ -227,7 +283,9 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """A causal pre-LN decoder that cross-attends to a memory (Sora: the sentence code)."""
+    """A causal pre-LN decoder that cross-attends to a memory, in one of two modes: the one code vector (memory of
+    length 1, no mask: Sora's pretraining bottleneck), or the encoder's token states with the source padding
+    mask (``memory_mask``). Decodes a whole sequence at once (teacher forcing) or incrementally (``cache``)."""
 
     def __init__(self, word: nn.Embedding, dim: int, layers: int, heads: int, ffn_dim: int, max_length: int,
                  dropout: float, eps: float = 1e-5):
@@ -240,10 +298,18 @@ class Decoder(nn.Module):
         self.final_norm = nn.LayerNorm(dim, eps=eps)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, memory: torch.Tensor,
-                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``memory``: (B, S, dim); ``memory_mask``: bool (B, S), True at real positions, so that a padded memory
-        (e.g. encoder states) is not attended at its padding. None attends to all of it (Sora's one code vector)."""
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, memory: torch.Tensor | None,
+                memory_mask: torch.Tensor | None = None, cache: DecoderCache | None = None) -> torch.Tensor:
+        """States (B, T, dim) of ``ids`` (B, T). ``memory``: (B, S, dim); ``memory_mask``: bool (B, S), True at real
+        positions, so that a padded memory (e.g. encoder states) is not attended at its padding. None attends to
+        all of it (Sora's one code vector).
+
+        With ``cache`` ``ids`` are the tokens after those already decoded into it (one per step when generating):
+        their positions start at ``cache.length``, they attend to the cached tokens and themselves, and the
+        memory (and its mask) is read on the first call only. ``mask`` may then be None (no padding). The states
+        equal those of decoding the whole sequence at once."""
+        if cache is not None:
+            return self._incremental(ids, mask, memory, memory_mask, cache)
         t = ids.shape[1]
         x = self.drop(self.word(ids) + self.position.weight[:t][None])
         causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()
@@ -251,4 +317,31 @@ class Decoder(nn.Module):
         cross_mask = None if memory_mask is None else memory_mask.bool()[:, None, None, :]
         for layer in self.layers:
             x = layer(x, attn_mask, memory=memory, memory_mask=cross_mask)
+        return self.final_norm(x)
+
+    def _incremental(self, ids: torch.Tensor, mask: torch.Tensor | None, memory: torch.Tensor | None,
+                     memory_mask: torch.Tensor | None, cache: DecoderCache) -> torch.Tensor:
+        b, t = ids.shape
+        past = cache.length
+        if past + t > self.position.num_embeddings:
+            raise ValueError(f"decoding past the decoder's {self.position.num_embeddings} positions")
+        if not cache.layers:
+            if memory is None:
+                raise ValueError("the first call with an empty cache needs the memory")
+            cache.layers = [(KV(), KV()) for _ in self.layers]
+            cache.memory_mask = None if memory_mask is None else memory_mask.bool()[:, None, None, :]
+        x = self.drop(self.word(ids) + self.position.weight[past : past + t][None])
+        if mask is not None or cache.mask is not None:
+            new = mask.bool() if mask is not None else ids.new_ones(b, t, dtype=torch.bool)
+            old = cache.mask if cache.mask is not None else ids.new_ones(b, past, dtype=torch.bool)
+            cache.mask = torch.cat([old, new], dim=1)
+        attn_mask = None  # one new token and no padding: it attends to every cached key
+        if t > 1 or cache.mask is not None:
+            # Query i (position past + i) sees keys 0 … past + i.
+            attn_mask = torch.ones(t, past + t, dtype=torch.bool, device=ids.device).tril(past)[None, None]
+            if cache.mask is not None:
+                attn_mask = attn_mask & cache.mask[:, None, None, :]
+        for layer, kv in zip(self.layers, cache.layers, strict=True):
+            x = layer(x, attn_mask, memory=memory, memory_mask=cache.memory_mask, cache=kv)
+        cache.length = past + t
         return self.final_norm(x)
