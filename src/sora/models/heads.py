@@ -8,6 +8,9 @@ A head is dropout and one linear layer over what it *reads* from one encoder pas
 - ``entities``: the token states at two marked positions, concatenated (relation extraction, "entity start"
   pooling of Matching-the-Blanks).
 
+A spec with ``module: seq2seq`` is instead a decoder that generates text (``Seq2SeqHead``: translation,
+summarisation), cross-attending to the token states or to the code.
+
 What the outputs mean (classes, a value, span ends) is the task kind's business (``sora.tasks``); this module
 never looks at a head's kind. Each head's ``HeadSpec`` is stored in the checkpoint's config.json so loading
 re-creates the module before the weights.
@@ -22,9 +25,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, model_validator
 from torch import nn
 
+from sora.errors import ConfigError
 from sora.models.autoencoder import EncoderOutput, SoraModel
+from sora.models.transformer import Decoder, DecoderCache
 
 Reads = Literal["code", "siamese", "tokens", "entities"]
+Module = Literal["linear", "seq2seq"]
 
 
 class HeadSpec(BaseModel):
@@ -39,6 +45,7 @@ class HeadSpec(BaseModel):
     metric: str = "accuracy"
     normalize: bool = False  # the head reads L2-normalised codes (siamese: u and v normalised before combining)
     options: dict[str, Any] = {}  # kind-specific settings kept with the head (e.g. span lengths, stride)
+    module: Module = "linear"  # what the head is: ``Head`` (dropout + linear), or a ``Seq2SeqHead`` decoder
 
     @model_validator(mode="before")
     @classmethod
@@ -76,8 +83,103 @@ class Head(nn.Module):
         return self.out(self.drop(self.inputs(features)))
 
 
+class Seq2SeqHead(nn.Module):
+    """A decoder that generates a target text from one encoder pass: causal self-attention over the target so far,
+    cross-attention to a memory, and a softmax through its target embeddings (tied: the output projection is the
+    embedding matrix, as in the pretraining decoder). ``spec.options`` says how it is built:
+
+    - ``decoder``: ``tokens`` cross-attends to the encoder's token states under the source mask; ``code`` to the
+      one code vector (projected to the model's width by ``from_code``), Sora's pretraining bottleneck;
+    - ``target_tokenizer``: ``shared`` decodes into the model's own vocabulary, its embeddings tied to the
+      encoder's (as BART's); ``own``: a target vocabulary of ``spec.outputs`` tokens with embeddings of its own;
+    - ``layers``, ``heads``, ``ffn_dim``, ``positions``: the decoder's shape (``complete`` fills them in);
+    - ``init``: ``pretrained`` when the model's denoising decoder could be copied (shared vocabulary, same shape:
+      ``complete`` decides), else ``fresh`` (normal(0, 0.02) weights, as ``SoraModel``'s).
+
+    Initialised from the pretrained decoder, a code-mode head starts as the denoising decoder that rebuilt texts
+    from their code; a token-mode head reuses its self-attention, feed-forward and (shape-compatible) cross-attention
+    weights. Called as ``head(ids, memory, memory_mask, cache)`` it returns logits (B, T, vocab): a step function
+    for ``sora.models.generate.generate``."""
+
+    def __init__(self, spec: HeadSpec, model: SoraModel):
+        super().__init__()
+        o = spec.options
+        dim, shared = model.cfg.dim, o["target_tokenizer"] == "shared"
+        tied = model.encoder.embeddings.word
+        word = tied if shared else nn.Embedding(spec.outputs, dim)
+        self.decoder = Decoder(word, dim, o["layers"], o["heads"], o["ffn_dim"], o["positions"], spec.dropout)
+        self.from_code = nn.Linear(model.code_dim, dim) if o["decoder"] == "code" else None
+        for module in self.modules():
+            if module is not tied:  # the encoder's embeddings keep their (pretrained) weights
+                SoraModel._init(module)
+        if o.get("init") == "pretrained" and _fits(self.decoder, model):
+            self.decoder.load_state_dict(model.decoder.state_dict())
+            if self.from_code is not None and isinstance(model.from_code, nn.Linear):
+                self.from_code.load_state_dict(model.from_code.state_dict())
+
+    @staticmethod
+    def complete(spec: HeadSpec, model: SoraModel) -> HeadSpec:
+        """``spec`` with the decoder's shape filled in where its options leave it unset (None): the pretrained
+        decoder's when the model has one, else 2 layers of the encoder's heads and feed-forward width; the model's
+        positions; ``outputs`` (the model's vocabulary when shared); and ``init``. Idempotent, so a loaded
+        checkpoint's spec comes back unchanged."""
+        o, cfg, dec = dict(spec.options), model.cfg, model.decoder
+        shared = o.get("target_tokenizer", "shared") == "shared"
+        o.setdefault("decoder", "tokens")
+        o.setdefault("target_tokenizer", "shared")
+        o["layers"] = o.get("layers") or (len(dec.layers) if dec is not None else 2)
+        o["heads"] = o.get("heads") or (dec.layers[0].attn.heads if dec is not None else cfg.decoder_heads or cfg.heads)
+        o["ffn_dim"] = o.get("ffn_dim") or cfg.ffn_dim
+        o["positions"] = o.get("positions") or cfg.max_length
+        if cfg.dim % o["heads"]:
+            raise ConfigError(f"tasks[].options.heads: the model's width {cfg.dim} is not divisible by {o['heads']}")
+        longest = o.get("max_target_length")
+        if longest is not None and longest + 1 > o["positions"]:
+            raise ConfigError(f"tasks[].options.max_target_length {longest}: the decoder has {o['positions']} "
+                              "positions (bos + target must fit)")
+        outputs = model.encoder.embeddings.word.num_embeddings if shared else spec.outputs
+        if o.get("init") is None:
+            fits = shared and dec is not None and (o["layers"], o["heads"], o["ffn_dim"], o["positions"]) == (
+                len(dec.layers), dec.layers[0].attn.heads, dec.layers[0].ffn.up.out_features,
+                dec.position.num_embeddings)
+            o["init"] = "pretrained" if fits else "fresh"
+        return spec.model_copy(update={"options": o, "outputs": outputs})
+
+    def memory(self, out: EncoderOutput) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the decoder cross-attends to, and its mask: token states (B, S, dim) under the source mask, or
+        the projected code (B, 1, dim) without one."""
+        if self.from_code is not None:
+            return self.from_code(out.code.float()).unsqueeze(1), None
+        if out.states is None:
+            raise ValueError("a seq2seq head decoding from token states needs them (an encoder pass with states)")
+        return out.states.float(), out.mask
+
+    def forward(self, ids: torch.Tensor, memory: torch.Tensor | None, memory_mask: torch.Tensor | None,
+                cache: DecoderCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits (B, T, vocab) after each of ``ids`` (B, T); ``mask`` (B, T): the target's padding."""
+        if mask is None and cache is None:
+            mask = torch.ones_like(ids, dtype=torch.bool)
+        states = self.decoder(ids, mask, memory, memory_mask, cache=cache)
+        return states @ self.decoder.word.weight.T
+
+
+def _fits(decoder: Decoder, model: SoraModel) -> bool:
+    """Whether ``model``'s denoising decoder can be copied into ``decoder`` (same heads and tensor shapes)."""
+    src = model.decoder
+    if src is None or len(src.layers) != len(decoder.layers):
+        return False
+    if src.layers[0].attn.heads != decoder.layers[0].attn.heads:
+        return False
+    theirs = src.state_dict()
+    return all(k in theirs and theirs[k].shape == v.shape for k, v in decoder.state_dict().items())
+
+
 def add_head(model: SoraModel, name: str, spec: HeadSpec) -> None:
-    model.heads[name] = Head(spec, input_dim(spec, model))
+    if spec.module == "seq2seq":
+        spec = Seq2SeqHead.complete(spec, model)
+        model.heads[name] = Seq2SeqHead(spec, model)
+    else:
+        model.heads[name] = Head(spec, input_dim(spec, model))
     model.head_specs[name] = spec
 
 
