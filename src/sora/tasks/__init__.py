@@ -12,6 +12,7 @@ from sora.tasks.multilabel import Multilabel
 from sora.tasks.qa import QA
 from sora.tasks.regression import Regression
 from sora.tasks.relation import Relation
+from sora.tasks.seq2seq import Seq2Seq
 
 KINDS: dict[str, TaskKind] = {kind.name: kind for kind in (
     Classification(),
@@ -20,6 +21,7 @@ KINDS: dict[str, TaskKind] = {kind.name: kind for kind in (
     Regression(),
     Relation(),
     QA(),
+    Seq2Seq(),
 )}
 
 

@@ -1,0 +1,224 @@
+"""Sequence to sequence (translation: Multi30k en→de; summarisation: DialogSum): the head generates the target.
+
+The encoder reads the source; the head (``sora.models.heads.Seq2SeqHead``) is a decoder that cross-attends to
+the encoder's token states (``decoder: tokens``) or to the one code vector (``decoder: code``, the pretraining
+bottleneck), trained by teacher forcing with label-smoothed cross-entropy and decoded by beam search
+(``sora.models.generate``). Metrics are sacreBLEU BLEU and chrF and ROUGE-1/2/L (``sora.metrics.generation``;
+points, as papers print them); selection uses BLEU unless the task sets ``metric`` (e.g. ``rougeL``).
+
+The target side is written in the model's own vocabulary (``target_tokenizer: shared``; the head's embeddings are
+the encoder's, and it starts as the pretrained denoising decoder when that has its shape), or in a byte-level BPE
+trained on the training targets (``own``: for a target language the model's tokenizer reads badly, e.g. German
+with an uncased English WordPiece). The own tokenizer is kept in the head's spec (``options.target_vocab``, its
+JSON), so a checkpoint's config.json carries it and loading needs nothing else.
+
+Task options (``tasks[].options``): ``decoder`` (tokens), ``layers`` / ``heads`` / ``ffn_dim`` (default: the
+pretrained decoder's, else 2 layers of the encoder's heads and width), ``target_tokenizer`` (shared),
+``target_vocab_size`` (8000, own only), ``label_smoothing`` (0.1), ``beam`` (4), ``max_target_length`` (128 tokens),
+``min_target_length`` (0), ``length_penalty`` (1.0), ``no_repeat_ngram`` (0: off), ``max_source_length`` (default:
+``data.max_length``), ``bleu_tokenize`` (sacreBLEU's ``13a``; ``zh``, ``intl``, ...).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from tokenizers import Tokenizer
+
+from sora.config import TaskConfig
+from sora.data.seq2seq import Seq2SeqExample, encode_seq2seq, parse_seq2seq, read_seq2seq, seq2seq_batch
+from sora.data.tasks import TaskData
+from sora.errors import ConfigError, DataError
+from sora.models.autoencoder import SoraModel
+from sora.models.generate import generate
+from sora.models.heads import HeadSpec, encoder_output
+from sora.tasks.base import TaskKind
+from sora.text.tokenizer import SoraTokenizer, train_tokenizer
+
+METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL")
+
+
+class Seq2SeqOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    decoder: Literal["tokens", "code"] = "tokens"  # cross-attend to the token states, or to the code only
+    layers: int | None = Field(None, ge=1)
+    heads: int | None = Field(None, ge=1)
+    ffn_dim: int | None = Field(None, ge=1)
+    target_tokenizer: Literal["shared", "own"] = "shared"
+    target_vocab_size: int = Field(8000, ge=300)  # own: the BPE's vocabulary
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    beam: int = Field(4, ge=1)
+    max_target_length: int = Field(128, ge=1)  # tokens of a target (training) and of an output (decoding)
+    min_target_length: int = Field(0, ge=0)
+    length_penalty: float = 1.0  # beam score = sum of log-probabilities / length ** length_penalty
+    no_repeat_ngram: int = Field(0, ge=0)
+    max_source_length: int | None = Field(None, ge=4)  # default: data.max_length
+    bleu_tokenize: str = "13a"
+    # Filled in, kept with the head: the own tokenizer's JSON; the decoder's positions and how it started.
+    target_vocab: str | None = None
+    positions: int | None = Field(None, ge=2)
+    init: Literal["pretrained", "fresh"] | None = None
+
+
+@lru_cache(maxsize=8)
+def _own_tokenizer(json_text: str) -> SoraTokenizer:
+    return SoraTokenizer(Tokenizer.from_str(json_text))
+
+
+class Seq2Seq(TaskKind):
+    name = "seq2seq"
+    default_metric = "bleu"
+    classes = False
+    probe_init = False
+    report = "seq2seq"
+    headline = ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "n")
+    input_columns = ("source",)
+    points = 1.0  # BLEU, chrF and ROUGE are points already
+    max_length = 256  # source tokens: a DialogSum dialogue is ~190 words
+    # A decoder learns a language from the task's targets alone (Multi30k: 29k sentences), which takes more than
+    # the classification schedules' one epoch; 10 epochs is where small Multi30k transformers level off.
+    epochs = 10.0
+    attack = None
+    generates: ClassVar[bool] = True  # predictions are generated texts, not scores
+
+    # ---- rows ---------------------------------------------------------------------------------------------
+
+    def read_split(self, path: str | Path, task: TaskConfig, split: str, pair: bool | None,
+                   require_labels: bool = True) -> tuple[list[Seq2SeqExample], bool]:
+        source = task.text_column if task.text_column != "text" else None  # "text" is one of the usual names
+        target = task.label_column if task.label_column != "label" else None
+        return read_seq2seq(path, split, require_labels, source, target), False
+
+    def texts(self, examples: list[Seq2SeqExample]) -> list[str]:
+        return [ex.source for ex in examples]
+
+    def per_class(self, data: TaskData) -> float:
+        return float(len(data.train))
+
+    def examples_from(self, inputs: list[Any], spec: HeadSpec) -> list[Seq2SeqExample]:
+        """Source texts, or rows with a source column (``source``, ``dialogue``, ...)."""
+        out = []
+        for i, item in enumerate(inputs):
+            if isinstance(item, dict):
+                out.append(parse_seq2seq(item, f"input {i}", i, require_target=False))
+            elif isinstance(item, str) and item.strip():
+                out.append(Seq2SeqExample(item, [], str(i), i))
+            else:
+                raise DataError(f"input {i}: {'an empty' if isinstance(item, str) else 'a non-text'} source")
+        return out
+
+    # ---- the head -----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def options(spec_or_task: HeadSpec | TaskConfig) -> Seq2SeqOptions:
+        try:
+            return Seq2SeqOptions.model_validate(spec_or_task.options)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ConfigError(f"tasks[].options.{'.'.join(map(str, first['loc']))}: {first['msg']} "
+                              f"(seq2seq options: {', '.join(Seq2SeqOptions.model_fields)})") from None
+
+    def spec(self, task: TaskConfig, data: TaskData, normalize: bool) -> HeadSpec:
+        """The head's spec; with ``target_tokenizer: own`` the BPE is trained here on the training targets."""
+        opt = self.options(task)
+        metric = task.metric or self.default_metric
+        if metric not in METRICS:
+            raise ConfigError(f"tasks[].metric {metric!r}: a seq2seq task is selected on one of {', '.join(METRICS)}")
+        outputs = 1  # shared: the model's vocabulary, filled in by the head (Seq2SeqHead.complete)
+        if opt.target_tokenizer == "own":
+            if opt.target_vocab is None:
+                targets = [ex.target for ex in data.train if ex.target]
+                opt.target_vocab = train_tokenizer(targets, vocab_size=opt.target_vocab_size).tk.to_str()
+            outputs = _own_tokenizer(opt.target_vocab).vocab_size
+        return HeadSpec(type=self.name, reads="tokens", module="seq2seq", outputs=outputs, dropout=task.head_dropout,
+                        metric=metric, options=opt.model_dump())
+
+    def target_tokenizer(self, spec: HeadSpec, tokenizer: SoraTokenizer) -> SoraTokenizer:
+        """What targets are written in: the model's ``tokenizer``, or the head's own."""
+        vocab = spec.options.get("target_vocab")
+        return _own_tokenizer(vocab) if spec.options.get("target_tokenizer") == "own" and vocab else tokenizer
+
+    # ---- model inputs -------------------------------------------------------------------------------------
+
+    def encode(self, examples: list[Seq2SeqExample], spec: HeadSpec, tokenizer: SoraTokenizer,
+               max_length: int) -> list[dict[str, Any]]:
+        opt = self.options(spec)
+        return encode_seq2seq(examples, tokenizer, self.target_tokenizer(spec, tokenizer),
+                              opt.max_source_length or max_length, opt.max_target_length)
+
+    def collate(self, rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+        return seq2seq_batch(rows, pad_id)
+
+    def training_targets(self, examples: list[Seq2SeqExample], encoded: list[dict[str, Any]],
+                         labels: list[str] | None) -> None:
+        return None  # the target ids travel with each row (collate)
+
+    # ---- forward ------------------------------------------------------------------------------------------
+
+    def loss(self, model: SoraModel, name: str, batch: dict[str, torch.Tensor],
+             objective: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing: label-smoothed cross-entropy of each real target token given the ones before it
+        and the source; logits (B, T - 1, vocab)."""
+        head, opt = model.heads[name], self.options(model.head_specs[name])
+        out = model.run(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        memory, memory_mask = head.memory(out)
+        ids, mask = batch["target_ids"], batch["target_mask"].bool()
+        logits = head(ids[:, :-1], memory, memory_mask, mask=mask[:, :-1]).float()
+        labels = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                               label_smoothing=opt.label_smoothing)
+        return loss, logits
+
+    def divergence(self, spec: HeadSpec, target: torch.Tensor, logits: torch.Tensor,
+                   batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """KL(target ‖ logits) of the next-token distributions, mean over the real target tokens."""
+        real = batch["target_mask"].bool()[:, 1:]
+        t, q = target.float().log_softmax(-1), logits.float().log_softmax(-1)
+        return (t.exp() * (t - q)).sum(-1)[real].mean()
+
+    @torch.inference_mode()
+    def predict(self, model: SoraModel, tokenizer: SoraTokenizer, name: str, encoded: list[dict[str, Any]],
+                batch_size: int = 64, encoder: Any = None) -> list[str]:
+        """The generated text of each encoded row, in order (beam search with the head's options). Its own loop
+        rather than ``batched``: outputs are token lists of any length decoded by the target tokenizer, not
+        score arrays. Longest sources first, as there, so batches carry little padding."""
+        spec, head = model.head_specs[name], model.heads[name]
+        opt, target = self.options(spec), self.target_tokenizer(spec, tokenizer)
+        encoder = model if encoder is None else encoder
+        texts = [""] * len(encoded)
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]["ids"]))
+        try:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                rows = self.collate([encoded[i] for i in idx], tokenizer.pad_id)
+                batch = {k: v.to(device) for k, v in rows.items()}
+                memory, memory_mask = head.memory(encoder_output(encoder, batch, opt.decoder == "tokens"))
+                ids = generate(head, memory, memory_mask, target.cls_id, target.sep_id, target.pad_id,
+                               beam=opt.beam, max_length=opt.max_target_length + 1, min_length=opt.min_target_length,
+                               length_penalty=opt.length_penalty, no_repeat_ngram=opt.no_repeat_ngram)
+                for i, seq in zip(idx, ids, strict=True):
+                    texts[i] = target.decode(seq).strip()
+        finally:
+            model.train(was_training)
+        return texts
+
+    def predictions(self, spec: HeadSpec, scores: list[str], examples: list[Seq2SeqExample],
+                    encoded: list[dict[str, Any]]) -> list[str]:
+        return scores
+
+    def format(self, spec: HeadSpec, s: str) -> dict[str, Any]:
+        return {"text": s}
+
+    def metrics(self, spec: HeadSpec, scores: list[str], examples: list[Seq2SeqExample]) -> dict[str, Any]:
+        from sora.metrics.generation import generation_metrics  # the training extra (sacrebleu, rouge-score)
+
+        return generation_metrics(scores, [ex.references for ex in examples], self.options(spec).bleu_tokenize)
