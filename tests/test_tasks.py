@@ -80,7 +80,7 @@ def relation_model(tiny, relation_data) -> Path:
 
 
 def test_every_kind_is_registered_under_its_name_and_unknown_types_are_refused():
-    assert set(KINDS) == {"classification", "pair", "multilabel", "regression", "relation", "qa"}
+    assert set(KINDS) == {"classification", "pair", "multilabel", "regression", "relation", "qa", "seq2seq"}
     assert all(kind.name == name for name, kind in KINDS.items())
     with pytest.raises(ConfigError, match="unknown task type 'ner'.*choose from classification"):
         kind_of("ner")
