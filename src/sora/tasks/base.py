@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ValidationError
 
 from sora.config import TaskConfig
 from sora.data.tasks import (
@@ -29,6 +30,7 @@ from sora.data.tasks import (
     read_examples,
     task_batches,
 )
+from sora.errors import ConfigError
 from sora.models.autoencoder import EncoderOutput, SoraModel
 from sora.models.heads import HeadSpec, head_logits
 from sora.text.tokenizer import SoraTokenizer
@@ -115,6 +117,16 @@ class TaskKind:
     def examples_from(self, inputs: list[Any], spec: HeadSpec) -> list[Any]:
         """Unlabelled examples from what a caller passes to ``predict`` (texts, or (a, b) pairs)."""
         return [Example(t[0], None, t[1]) if spec.pair else Example(t, None) for t in inputs]
+
+    @staticmethod
+    def parse_options(options: type[BaseModel], spec_or_task: HeadSpec | TaskConfig, kind: str) -> Any:
+        """A kind's ``tasks[].options`` validated by its pydantic model; a bad key is one clear ConfigError."""
+        try:
+            return options.model_validate(spec_or_task.options)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ConfigError(f"tasks[].options.{'.'.join(map(str, first['loc']))}: {first['msg']} "
+                              f"({kind} options: {', '.join(options.model_fields)})") from None
 
     # ---- the head -----------------------------------------------------------------------------------------
 

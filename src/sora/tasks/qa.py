@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from sora.config import TaskConfig
 from sora.data.qa import QAExample, best_answers, qa_features, read_qa
@@ -80,12 +80,7 @@ class QA(TaskKind):
 
     @staticmethod
     def options(spec_or_task: HeadSpec | TaskConfig) -> QAOptions:
-        try:
-            return QAOptions.model_validate(spec_or_task.options)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise ConfigError(f"tasks[].options.{'.'.join(map(str, first['loc']))}: {first['msg']} "
-                              f"(qa options: {', '.join(QAOptions.model_fields)})") from None
+        return TaskKind.parse_options(QAOptions, spec_or_task, "qa")
 
     def spec(self, task: TaskConfig, data: TaskData, normalize: bool) -> HeadSpec:
         return HeadSpec(type=self.name, reads="tokens", outputs=2, pair=True, dropout=task.head_dropout,

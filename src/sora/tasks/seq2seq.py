@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 
 from sora.config import TaskConfig
@@ -117,12 +117,7 @@ class Seq2Seq(TaskKind):
 
     @staticmethod
     def options(spec_or_task: HeadSpec | TaskConfig) -> Seq2SeqOptions:
-        try:
-            return Seq2SeqOptions.model_validate(spec_or_task.options)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise ConfigError(f"tasks[].options.{'.'.join(map(str, first['loc']))}: {first['msg']} "
-                              f"(seq2seq options: {', '.join(Seq2SeqOptions.model_fields)})") from None
+        return TaskKind.parse_options(Seq2SeqOptions, spec_or_task, "seq2seq")
 
     def spec(self, task: TaskConfig, data: TaskData, normalize: bool) -> HeadSpec:
         """The head's spec; with ``target_tokenizer: own`` the BPE is trained here on the training targets."""
@@ -210,10 +205,6 @@ class Seq2Seq(TaskKind):
         finally:
             model.train(was_training)
         return texts
-
-    def predictions(self, spec: HeadSpec, scores: list[str], examples: list[Seq2SeqExample],
-                    encoded: list[dict[str, Any]]) -> list[str]:
-        return scores
 
     def format(self, spec: HeadSpec, s: str) -> dict[str, Any]:
         return {"text": s}

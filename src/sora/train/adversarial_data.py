@@ -75,7 +75,7 @@ class ExamplePool:
         self.refreshes += 1
         record = {"step": step, "attack": self.method, "attacked": len(picked), "kept": len(kept),
                   "flipped": sum(o.success for o in outcomes),
-                  **{k: summarize(outcomes)[k] for k in ("clean_accuracy", "success_rate")},
+                  **{k: v for k, v in summarize(outcomes).items() if k in ("clean_accuracy", "success_rate")},
                   "seconds": round(time.perf_counter() - started, 2)}
         self.history.append(record)
         return record
