@@ -461,8 +461,8 @@ def test_layer_lr_decay_with_minilm(tmp_path, sample_dir, monkeypatch):
     groups: list[tuple[float, list[str]]] = []
     make = loop._optimizer
 
-    def spy(params, cfg, lr_scale, named):
-        opt = make(params, cfg, lr_scale, named)
+    def spy(params, cfg, lr_scale, named, own_lr=None):
+        opt = make(params, cfg, lr_scale, named, own_lr)
         names = {id(p): n for n, p in named}
         groups.extend((g["lr"], [names[id(p)] for p in g["params"]]) for g in opt.param_groups)
         return opt

@@ -265,7 +265,33 @@ class FinetuneConfig(_Strict):
     patience: int = Field(2, ge=0)  # evaluations without improvement before stopping (0: never stop)
     aux_denoise_weight: float = Field(0.0, ge=0)  # α of the continued denoising loss on unlabeled text
     unlabeled: str | None = None  # unlabeled text for it (default: the tasks' training texts)
+    # Continue from a checkpoint with a new head without touching the old ones: the encoder (and embeddings) stay
+    # as they are, so the heads already in the checkpoint predict exactly as before.
+    freeze_encoder: bool = False
     seed: int = 13
+
+
+class MultitaskConfig(_Strict):
+    """How several tasks train together (more than one entry in ``tasks``): L = Σ_t w_t L_t over the tasks a step
+    draws.
+
+    - ``sampler``: which task(s) each step trains (``sora.train.samplers.SAMPLERS``): ``all`` (one batch of every
+      task each step), ``proportional`` (p_t ∝ n_t, MT-DNN), ``temperature`` (p_t ∝ n_t^{1/T}, T = 2),
+      ``round_robin``, ``annealed`` (proportional towards uniform); ``tasks_per_step`` of them per step (not
+      ``all``); ``sampler_options`` e.g. ``{temperature: 3}``.
+    - ``weighting``: how the drawn tasks' losses combine (``sora.objectives.weighting.WEIGHTINGS``): ``fixed``
+      (each task's ``weight``), ``equal``, ``uncertainty`` (learned log-variances, Kendall et al. 2018), ``pcgrad``
+      (gradient surgery, Yu et al. 2020); ``weighting_options`` e.g. ``{lr: 0.02}`` for uncertainty's own rate.
+    - ``select_on``: model selection (and early stopping) on the mean of the tasks' validation metrics (``mean``),
+      one task's (its name), or a weighted mean (``{task: weight}``).
+    """
+
+    sampler: str = "all"
+    tasks_per_step: int = Field(1, ge=1)
+    sampler_options: dict[str, float] = {}
+    weighting: str = "fixed"
+    weighting_options: dict[str, Any] = {}
+    select_on: str | dict[str, float] = "mean"
 
 
 # Fine-tuning defaults differ from pretraining ones; subclasses keep them when a recipe sets only some keys.
@@ -332,6 +358,7 @@ class FinetuneRecipe(_Strict):
     model: FinetuneModel = FinetuneModel()
     objectives: list[ObjectiveConfig] = [ObjectiveConfig()]  # the auxiliary denoising objective
     adversarial: AdversarialConfig = AdversarialConfig()
+    multitask: MultitaskConfig = MultitaskConfig()
     train: FinetuneTrain = FinetuneTrain()
 
 

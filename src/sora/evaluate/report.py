@@ -142,20 +142,22 @@ def training_curves_plot(train_log: Path, out: Path) -> Path | None:
     """Training loss (raw, faint, and smoothed) and every ``val_*`` series against step.
 
     Loss-like validation series share the loss panel; the rest (accuracy, F1, …) get a second panel,
-    as their scale differs. Returns None when the log holds nothing to plot.
+    as their scale differs; a multi-task run's task weights (``weight/{task}``) a third. Returns None when the
+    log holds nothing to plot.
     """
     records = _read_log(train_log)
     train = [(r["step"], r["loss"]) for r in records if "step" in r and isinstance(r.get("loss"), int | float)]
     val: dict[str, list[tuple[float, float]]] = {}
+    weights: dict[str, list[tuple[float, float]]] = {}
     for r in records:
         for key, value in r.items():
-            if key.startswith("val_") and "step" in r and isinstance(value, int | float):
-                val.setdefault(key, []).append((r["step"], value))
+            if "step" in r and isinstance(value, int | float) and key.startswith(("val_", "weight/")):
+                (val if key.startswith("val_") else weights).setdefault(key, []).append((r["step"], value))
     if not train and not val:
         return None
     val_loss = {k: v for k, v in val.items() if "loss" in k}
     val_other = {k: v for k, v in val.items() if "loss" not in k}
-    panels = 2 if val_other and (train or val_loss) else 1
+    panels = (2 if val_other and (train or val_loss) else 1) + bool(weights)
     fig = _figure(6.0 * panels, 4.2)
     axes = list(np.atleast_1d(fig.subplots(1, panels)))
     if train or val_loss:
@@ -170,11 +172,18 @@ def training_curves_plot(train_log: Path, out: Path) -> Path | None:
         ax.set(xlabel="step", ylabel="loss", title="Loss")
         ax.legend(fontsize=8)
     if val_other:
-        ax = axes[-1]
+        ax = axes[-2] if weights else axes[-1]
         for key, series in sorted(val_other.items()):
             steps, values = np.asarray(series, dtype=np.float64).T
             ax.plot(steps, values, "o-", markersize=3, label=key)
         ax.set(xlabel="step", title="Validation")
+        ax.legend(fontsize=8)
+    if weights:
+        ax = axes[-1]
+        for key, series in sorted(weights.items()):
+            steps, values = np.asarray(series, dtype=np.float64).T
+            ax.plot(steps, values, label=key.removeprefix("weight/"))
+        ax.set(xlabel="step", title="Task weights")
         ax.legend(fontsize=8)
     return _save(fig, out)
 

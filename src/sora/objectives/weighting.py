@@ -34,6 +34,9 @@ class LossWeighting(nn.Module):
 
     name: ClassVar[str]
     defaults: ClassVar[dict[str, Any]] = {}  # the options the weighting reads, with their defaults
+    # True where ``backward`` does more than backpropagate ``combine`` (the loop then calls it instead).
+    manual_backward: ClassVar[bool] = False
+    lr: float | None = None  # the learning rate of the weighting's own parameters (None: the loop's)
 
     def __init__(self, tasks: dict[str, float], **options: Any):
         super().__init__()
@@ -51,6 +54,9 @@ class LossWeighting(nn.Module):
         self.options: dict[str, Any] = {**self.defaults, **options}
         for key, value in self.options.items():
             setattr(self, key, value)
+
+    def at_step(self, step: int, micro: int) -> None:
+        """Called by the loop before each micro-batch's backward (``step``: the optimizer step)."""
 
     def coefficient(self, task: str) -> float | Tensor:
         """w_t, the factor on task ``task``'s loss."""
@@ -113,12 +119,19 @@ class Uncertainty(LossWeighting):
     the form common implementations use. The recipe's α_t are not used: learning the weights is the point.
 
     s_t is one float32 vector parameter (1-D, so the loop's AdamW gives it no weight decay); as the loss of a task
-    goes to 0 its weight grows without bound, so it suits losses with a floor (noise, regularisation)."""
+    goes to 0 its weight grows without bound, so it suits losses with a floor (noise, regularisation). It learns at
+    its own rate, ``lr`` (0.01): at fine-tuning's 2e-4 it would move by about 0.06 over a 300-step run, i.e. not
+    at all."""
 
     name = "uncertainty"
+    defaults: ClassVar[dict[str, Any]] = {"lr": 0.01}
 
     def __init__(self, tasks: dict[str, float], **options: Any):
         super().__init__(tasks, **options)
+        lr = self.lr
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr)
+                               or lr <= 0):
+            raise ConfigError(f"loss weighting option 'lr' must be a finite number > 0 (or null), got {lr!r}")
         self.index = {t: i for i, t in enumerate(self.tasks)}
         self.log_vars = nn.Parameter(torch.zeros(len(self.tasks)))
 
@@ -154,6 +167,7 @@ class PCGrad(Fixed):
 
     name = "pcgrad"
     defaults: ClassVar[dict[str, Any]] = {"seed": 0}
+    manual_backward = True
 
     def __init__(self, tasks: dict[str, float], **options: Any):
         super().__init__(tasks, **options)
@@ -161,6 +175,9 @@ class PCGrad(Fixed):
             raise ConfigError(f"loss weighting option 'seed' must be an integer, got {self.seed!r}")
         self.step = 0
         self.micro = 0
+
+    def at_step(self, step, micro):
+        self.step, self.micro = step, micro
 
     def backward(self, losses, shared, scale=1.0):
         self._check(losses)

@@ -36,12 +36,15 @@ from sora.models.checkpoint import is_sora_checkpoint, load_checkpoint, save_che
 from sora.models.heads import HeadSpec, add_head, head_features
 from sora.objectives import TaskLoss, build_adversarial, build_objective
 from sora.objectives.adversarial import Adversarial
+from sora.objectives.weighting import build_weighting
 from sora.tasks import kind_of, scalar_metrics
 from sora.text.tokenizer import SoraTokenizer
 from sora.train.adversarial_data import ExamplePool
 from sora.train.distributed import finish, setup, teardown
 from sora.train.loop import TrainState, fit
+from sora.train.multitask import TaskMixer, TaskStream, steps_per_epoch
 from sora.train.pretrain import build_model
+from sora.train.samplers import build_sampler
 
 
 def init_model(init: str | None, recipe: FinetuneRecipe) -> tuple[SoraModel, SoraTokenizer, dict[str, Any]]:
@@ -233,8 +236,9 @@ class Selector:
 
     def __init__(self, model: SoraModel, tokenizer: SoraTokenizer, tasks: list[tuple[str, TaskData]],
                  max_length: int, batch_size: int, patience: int,
-                 report: Callable[[int, float], None] | None = None):
+                 report: Callable[[int, float], None] | None = None, select_on: str | dict[str, float] = "mean"):
         self.tasks, self.patience, self.report = tasks, patience, report
+        self.select_weights = selection_weights(select_on, [n for n, _ in tasks])
         self.evaluations = 0
         self.encoded = {name: kind_of(model.head_specs[name]).encode(d.validation, model.head_specs[name],
                                                                     tokenizer, max_length)
@@ -243,25 +247,28 @@ class Selector:
         self.best: float | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_metrics: dict[str, float] = {}
+        self.best_tasks: dict[str, dict[str, float]] = {}  # each task's own metrics at the best evaluation
         self.trained = False  # set by the first on_step: evaluations before it score the starting point
         self.best_trained: float | None = None
         self.bad = 0
 
     def __call__(self, model: SoraModel) -> dict[str, float]:
         metrics: dict[str, float] = {}
+        per_task: dict[str, dict[str, float]] = {}
         primary = []
         for name, data in self.tasks:
             spec = model.head_specs[name]
             m = scalar_metrics(kind_of(spec).metrics(spec, self.predictions(model, name), data.validation))
-            primary.append(m.get(spec.metric, float("nan")))
+            per_task[name] = m
+            primary.append(self.select_weights[name] * m.get(spec.metric, float("nan")))
             metrics.update({f"val_{name}_{k}" if len(self.tasks) > 1 else f"val_{k}": v for k, v in m.items()})
-        score = float(np.mean(primary))
+        score = float(np.sum(primary))
         score = score if math.isfinite(score) else float("-inf")  # e.g. pearson of constant predictions
         self.evaluations += 1
         if self.report is not None:  # e.g. a tuner that prunes bad trials by raising
             self.report(self.evaluations, score)
         if self.best is None or score > self.best:
-            self.best, self.best_metrics = score, dict(metrics)
+            self.best, self.best_metrics, self.best_tasks = score, dict(metrics), per_task
             self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if self.trained:
             if self.best_trained is None or score > self.best_trained:
@@ -282,7 +289,7 @@ class Selector:
         if self.patience and self.bad >= self.patience:
             state.stop = True
 
-    _STATE = ("evaluations", "best", "best_state", "best_metrics", "trained", "best_trained", "bad")
+    _STATE = ("evaluations", "best", "best_state", "best_metrics", "best_tasks", "trained", "best_trained", "bad")
 
     def state_dict(self) -> dict[str, Any]:
         """What selection has seen so far; each checkpoint keeps it (``fit(stateful=...)``), so a resumed run
@@ -291,7 +298,22 @@ class Selector:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k in self._STATE:
-            setattr(self, k, state[k])
+            setattr(self, k, state.get(k, {}) if k == "best_tasks" else state[k])  # best_tasks: newer than the rest
+
+
+def selection_weights(select_on: str | dict[str, float], tasks: list[str]) -> dict[str, float]:
+    """Each validated task's share of the selection score: the mean (``"mean"``), one task, or given weights."""
+    if select_on == "mean":
+        return {t: 1.0 / len(tasks) for t in tasks}
+    wanted = {select_on: 1.0} if isinstance(select_on, str) else dict(select_on)
+    unknown = sorted(set(wanted) - set(tasks))
+    if unknown:
+        raise ConfigError(f"multitask.select_on names {unknown[0]!r}, which is not a task with a validation split "
+                          f"(those: {', '.join(tasks)})")
+    total = sum(wanted.values())
+    if not wanted or total <= 0 or any(w < 0 or not math.isfinite(w) for w in wanted.values()):
+        raise ConfigError(f"multitask.select_on weights must be >= 0 with a positive sum, got {wanted}")
+    return {t: wanted.get(t, 0.0) / total for t in tasks}
 
 
 def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
@@ -307,7 +329,9 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
         if len({n for n, _ in tasks}) != len(tasks):
             raise ConfigError("task names must be unique")
         torch.manual_seed(fcfg.seed)
-        model, tokenizer, _ = init_model(fcfg.init, recipe)
+        model, tokenizer, start = init_model(fcfg.init, recipe)
+        if fcfg.freeze_encoder:  # a new head beside the old ones: they keep predicting exactly as before
+            model.encoder.requires_grad_(False)
         for name, data in tasks:
             if dist.is_main:
                 tokenizer.warn_unknown(kind_of(data.task).texts(data.train), f"task {name!r} ({data.task.data})")
@@ -334,18 +358,33 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
                 raise ConfigError("aux_denoise_weight > 0 needs a model with a decoder (or objectives: [{name: mlm}])")
             objectives["denoise"] = (fcfg.aux_denoise_weight, build_objective(recipe.objectives[0], prefix="aux_"))
 
-        kinds = {name: kind_of(data.task) for name, data in tasks}
-        encoded = {name: kinds[name].encode(data.train, model.head_specs[name], tokenizer, d.max_length)
-                   for name, data in tasks}
-        targets = {name: kinds[name].training_targets(data.train, encoded[name], data.labels)
-                   for name, data in tasks}
-        per_epoch = max(math.ceil(len(encoded[name]) / d.batch_size) for name, _ in tasks)
-        per_epoch = max(1, per_epoch // dist.world_size)
+        mt = recipe.multitask
+        weighting = build_weighting(mt.weighting, {n: w for n, (w, _) in objectives.items()},
+                                    **mt.weighting_options)
+        streams = {}
+        for name, data in tasks:
+            kind = kind_of(data.task)
+            enc = kind.encode(data.train, model.head_specs[name], tokenizer, d.max_length)
+            streams[name] = TaskStream(kind, enc, kind.training_targets(data.train, enc, data.labels),
+                                       f"{name}/" if multi else "")
+        sampler_name = mt.sampler if multi else "all"
+        per_step = len(tasks) if sampler_name == "all" else mt.tasks_per_step
+        per_epoch = steps_per_epoch([s.batches_per_epoch(d.batch_size) for s in streams.values()], per_step,
+                                    dist.world_size)
         largest = max((data for _, data in tasks), key=lambda t: len(t.train))
         max_steps, eval_every, schedule = plan_steps(fcfg, per_epoch, kind_of(largest.task).per_class(largest))
         if dist.is_main and schedule:
             print(f"fine-tuning: {schedule} schedule ({len(largest.train):,} labelled examples), {max_steps} steps, "
                   f"validating every {eval_every}", flush=True)
+        # The sampler counts micro-batches (of this process): grad_accum of them make one optimizer step.
+        sampler = build_sampler(sampler_name, {n: len(s.encoded) for n, s in streams.items()}, fcfg.seed,
+                                max_steps * recipe.train.grad_accum, mt.tasks_per_step if multi else 1,
+                                **mt.sampler_options)
+        mixer = TaskMixer(streams, sampler, d.batch_size, tokenizer.pad_id, fcfg.seed, dist.world_size, dist.rank)
+        if dist.is_main and multi:
+            print(f"multi-task: {len(tasks)} tasks, {sampler.name} sampling "
+                  f"({', '.join(f'{t} {p:.0%}' for t, p in sampler.probabilities(0).items())} of the draws at the "
+                  f"start), {weighting.name} loss weighting", flush=True)
         train_cfg = recipe.train.model_copy(update=dict(
             max_steps=max_steps,
             warmup_steps=recipe.train.warmup_steps or int(fcfg.warmup_ratio * max_steps),
@@ -353,9 +392,6 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
             save_every=recipe.train.save_every or max_steps, seed=fcfg.seed))
         unlabeled = _UnlabeledStream(fcfg.unlabeled, [ex.text for _, data in tasks for ex in data.train],
                                      tokenizer, d, fcfg.seed) if fcfg.aux_denoise_weight > 0 else None
-        # This rank's batches per labelled epoch: where each epoch starts in the unlabeled stream.
-        longest_batches = max(math.ceil(len(encoded[n]) / d.batch_size) for n, _ in tasks)
-        rank_batches = len(range(dist.rank, longest_batches, dist.world_size))
 
         def refresh(pool: ExamplePool, step: int) -> None:
             record = pool.refresh(step)
@@ -371,24 +407,20 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
                 if pool.refreshes == 0:  # here, not before fit: the model is on its device now
                     refresh(pool, 0)
                     validations[0] = selector.evaluations  # the starting point's evaluation is not a cue
-            streams = [kinds[n].batches(encoded[n], targets[n], d.batch_size, tokenizer.pad_id, seed=fcfg.seed,
-                                        epoch=epoch, prefix=f"{n}/" if multi else "") for n, _ in tasks]
-            # Every step carries one batch of each task (smaller tasks cycle) and, with α > 0, unlabeled text.
-            longest = max(range(len(tasks)), key=lambda i: len(encoded[tasks[i][0]]))
-            cycled = [s if i == longest else itertools.cycle(list(s)) for i, s in enumerate(streams)]
-            aux = unlabeled.starting_at(epoch * rank_batches) if unlabeled is not None else None
-            for i, parts in enumerate(zip(*cycled, strict=False)):
-                if i % dist.world_size != dist.rank:
-                    continue
-                batch = {k: v for part in parts for k, v in part.items()}
+            # Each step carries a batch of each task the sampler draws and, with α > 0, unlabeled text.
+            aux = unlabeled.starting_at(epoch * per_epoch) if unlabeled is not None else None
+            for i in range(per_epoch):
+                step = epoch * per_epoch + i
+                batch = mixer.batch(step)
                 if aux is not None:
                     batch.update({"aux_" + k: v for k, v in next(aux).items()})
-                for pool in pools.values():
-                    batch.update(pool.batch(epoch, i))
+                for name in mixer.tasks_at(step):
+                    if name in pools:
+                        batch.update(pools[name].batch(epoch, i))
                 yield batch
 
         selector = Selector(model, tokenizer, [(n, t) for n, t in tasks if t.validation], d.max_length,
-                            d.batch_size * 4, fcfg.patience, report)
+                            d.batch_size * 4, fcfg.patience, report, mt.select_on if multi else "mean")
         if not selector.tasks:
             raise ConfigError("fine-tuning needs a validation split for model selection (tasks[].validation)")
         unfreeze = _gradual_unfreeze(model, per_epoch) if fcfg.gradual_unfreeze else None
@@ -408,9 +440,15 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
         state = fit(model, tokenizer, objectives, batches, train_cfg, out, dist, info=info, resume=resume,
                     lr_scale=layer_lr_scale(model, fcfg.layer_lr_decay, fcfg.head_lr_multiplier),
                     evaluate=selector, on_step=on_step,
-                    stateful={"selector": selector, **{f"adversarial_{n}": p for n, p in pools.items()}},
-                    evaluate_first=True)  # the starting point is a candidate: fine-tuning must beat it to count
+                    stateful={"selector": selector, "sampler": sampler,
+                              **{f"adversarial_{n}": p for n, p in pools.items()}},
+                    evaluate_first=True,  # the starting point is a candidate: fine-tuning must beat it to count
+                    weighting=weighting, objective_keys={n: f"{n}/" for n, _ in tasks} if multi else None)
         summary: dict[str, Any] = {"output": str(out), "steps": state.step, "elapsed_s": round(state.elapsed_s, 1)}
+        if multi:
+            summary["multitask"] = {"sampler": sampler.settings(), "weighting": weighting.name,
+                                    "weights": weighting.weights(),
+                                    "epochs_seen": mixer.epochs_seen(state.step * recipe.train.grad_accum)}
         if adversarial:
             summary["adversarial"] = adversarial
             if pools:
@@ -421,8 +459,11 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
             for name, data in selector.tasks:  # e.g. multilabel thresholds, on the chosen weights
                 spec = model.head_specs[name]
                 kind_of(spec).after_selection(spec, selector.predictions(model, name), data.validation)
-            info["metadata"] = {"validation": selector.best_metrics, "train_examples": {
-                n: len(t.train) for n, t in tasks}, "steps": state.step}
+            # Each head's own validation metrics; heads kept from the starting checkpoint keep theirs.
+            earlier = (start.get("metadata") or {}).get("tasks_validation") or {}
+            tasks_validation = {**{n: v for n, v in earlier.items() if n in model.heads}, **selector.best_tasks}
+            info["metadata"] = {"validation": selector.best_metrics, "tasks_validation": tasks_validation,
+                                "train_examples": {n: len(t.train) for n, t in tasks}, "steps": state.step}
             save_checkpoint(out / "model", model, tokenizer, info)
             summary["validation"] = selector.best_metrics
         finish(dist)

@@ -31,6 +31,7 @@ from sora.config import TrainConfig
 from sora.errors import CheckpointError, SoraError, SoraWarning
 from sora.models.autoencoder import SoraModel
 from sora.models.checkpoint import latest_checkpoint, save_checkpoint
+from sora.objectives.weighting import Fixed, LossWeighting
 from sora.text.tokenizer import SoraTokenizer
 from sora.train.distributed import Dist, all_mean, any_true
 
@@ -48,17 +49,28 @@ class Stateful(Protocol):
 
 
 class TrainUnit(nn.Module):
-    """The model plus its weighted objectives; DDP wraps this so every objective's graph is synced."""
+    """The model plus its objectives and how their losses combine (``weighting``, default Σ α_t L_t with the
+    given weights); DDP wraps this so every objective's graph is synced.
 
-    def __init__(self, model: SoraModel, objectives: dict[str, tuple[float, nn.Module]]):
+    ``keys``: objective name -> the prefix of its batch keys. An objective with one runs only on batches that
+    carry a key with that prefix (multi-task: the tasks the sampler drew for this step); one without runs always.
+    """
+
+    def __init__(self, model: SoraModel, objectives: dict[str, tuple[float, nn.Module]],
+                 weighting: LossWeighting | None = None, keys: dict[str, str] | None = None):
         super().__init__()
         self.model = model
         self.objectives = nn.ModuleDict({name: obj for name, (_, obj) in objectives.items()})
-        self.weights = {name: w for name, (w, _) in objectives.items()}
+        self.weighting = weighting or Fixed({name: w for name, (w, _) in objectives.items()})
+        self.keys = keys or {}
+
+    def applies(self, name: str, batch: Batch) -> bool:
+        prefix = self.keys.get(name)
+        return prefix is None or any(k.startswith(prefix) for k in batch)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        losses = {name: obj(self.model, batch) for name, obj in self.objectives.items()}
-        losses["loss"] = sum(self.weights[n] * losses[n] for n in self.objectives)
+        losses = {name: obj(self.model, batch) for name, obj in self.objectives.items() if self.applies(name, batch)}
+        losses["loss"] = self.weighting.combine(losses)
         return losses
 
 
@@ -98,12 +110,14 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 
 
 def _optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig, lr_scale: Callable[[str], float] | None,
-               named: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
+               named: list[tuple[str, nn.Parameter]], own_lr: float | None = None) -> torch.optim.Optimizer:
     """AdamW without decay on biases and norms; ``lr_scale(name)`` allows layer-wise learning rates."""
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, p in named:  # frozen parameters too: gradual unfreezing turns them on later
         decay = cfg.weight_decay if p.ndim >= 2 else 0.0
         scale = lr_scale(name) if lr_scale else 1.0
+        if name.startswith("weighting.") and own_lr:  # learned task weights train at their own rate
+            scale = own_lr / cfg.lr
         groups.setdefault((decay, scale), []).append(p)
     # fused: one kernel for all parameters instead of a dozen elementwise passes each (CPU and CUDA).
     return torch.optim.AdamW(
@@ -144,6 +158,8 @@ def fit(
     on_step: Callable[[TrainState, SoraModel], None] | None = None,
     evaluate_first: bool = False,
     stateful: dict[str, Stateful] | None = None,
+    weighting: LossWeighting | None = None,
+    objective_keys: dict[str, str] | None = None,
 ) -> TrainState:
     """Train until ``max_steps`` or ``max_minutes``. ``train_batches(epoch)`` yields this rank's batches.
 
@@ -151,6 +167,10 @@ def fit(
     optimizer step (early stopping and gradual unfreezing hook in here). ``evaluate_first`` also validates
     the untrained model (logged as step 0), so model selection can keep the starting point. ``stateful``
     names callbacks whose ``state_dict()`` every checkpoint saves and ``resume`` loads back (``Stateful``).
+    ``weighting`` combines the objectives' losses (default: Σ of each objective's weight × its loss; see
+    ``sora.objectives.weighting``); its parameters (learned weights) are trained and checkpointed with the rest,
+    and its weights are logged per step as ``weight/{objective}`` when there are several. ``objective_keys``: see
+    ``TrainUnit``.
 
     Disk full (a checkpoint, the log): one ``SoraError`` naming what was being written, and no temporary
     checkpoint directory left behind; those a killed process left are removed when the next run starts.
@@ -158,9 +178,13 @@ def fit(
     out = Path(out_dir)
     device = dist.device
     stateful = stateful or {}
-    unit = TrainUnit(model, objectives).to(device)
+    unit = TrainUnit(model, objectives, weighting, objective_keys).to(device)
+    if unit.weighting.manual_backward and dist.enabled:
+        raise SoraError(f"loss weighting {unit.weighting.name!r} computes gradients itself, which DDP does not "
+                        "synchronise: run it in one process, or choose fixed, equal or uncertainty")
+    stateful = {**stateful, "weighting": unit.weighting}  # learned task weights (and their absence: checked)
     named = list(unit.named_parameters())
-    opt = _optimizer(unit.parameters(), cfg, lr_scale, named)
+    opt = _optimizer(unit.parameters(), cfg, lr_scale, named, unit.weighting.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     state = TrainState()
 
@@ -223,10 +247,16 @@ def fit(
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             sync = micro + 1 == cfg.grad_accum
             ctx = runner.no_sync() if (dist.enabled and not sync) else contextlib.nullcontext()
+            unit.weighting.at_step(state.step, micro)
             with ctx, torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 losses = runner(batch)
-                loss = losses["loss"] / cfg.grad_accum
-                (scaler.scale(loss) if scaler else loss).backward()
+                if unit.weighting.manual_backward:  # e.g. PCGrad: per-task gradients, projected
+                    scale = (scaler.get_scale() if scaler else 1.0) / cfg.grad_accum
+                    unit.weighting.backward({k: v for k, v in losses.items() if k != "loss"},
+                                            shared_parameters(model), scale)
+                else:
+                    loss = losses["loss"] / cfg.grad_accum
+                    (scaler.scale(loss) if scaler else loss).backward()
             for k, v in losses.items():
                 losses_acc[k] = losses_acc.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
             ntok = sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
@@ -252,6 +282,8 @@ def fit(
             state.elapsed_s = time.perf_counter() - t_start
             record = {"step": state.step, **{k: all_mean(v, dist) for k, v in losses_acc.items()},
                       "lr": sched.get_last_lr()[0], "grad_norm": grad_norm}
+            if len(unit.objectives) > 1:
+                record.update({f"weight/{k}": v for k, v in unit.weighting.weights().items()})
             losses_acc = {}
             if not math.isfinite(record["loss"]):
                 raise SoraError(f"loss became {record['loss']} at step {state.step}; lower train.lr or use fp32")
@@ -290,6 +322,11 @@ def fit(
             save(final)
         save(out / "model")
     return state
+
+
+def shared_parameters(model: SoraModel) -> list[nn.Parameter]:
+    """What every task trains: the encoder (task heads and the decoder are each one objective's own)."""
+    return [p for p in model.encoder.parameters() if p.requires_grad]
 
 
 @torch.no_grad()
