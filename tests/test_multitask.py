@@ -215,6 +215,8 @@ def six_task_data(tmp: Path) -> Path:
                          "words": n / 10, "relation": "near" if n < 12 else "far",
                          "first": row["text"][0].lower() in "aeiou" and "vowel" or "consonant"})
         write_jsonl(tmp / f"{split}.jsonl", rows)
+        if split == "validation":
+            write_jsonl(tmp / "test.jsonl", rows)
     return tmp
 
 
@@ -238,6 +240,11 @@ def test_one_checkpoint_with_six_heads_answers_them_all_in_one_call_and_one_requ
     assert all(set(r) == {t["name"] for t in tasks} for r in rows)
     topics = {json.loads(line)["label"] for line in (SAMPLE / "train.jsonl").read_text().splitlines()}
     assert {r["topic"]["label"] for r in rows} <= topics and all(isinstance(r["words"]["value"], float) for r in rows)
+
+    evaluated = run([*SORA, "evaluate", str(out), "--attack", "none"]).stdout  # every head on its test split
+    for t in tasks:
+        assert f"{t['name']} on {data} (36 examples)" in evaluated, evaluated
+    assert evaluated.count("report: ") == len(tasks)
 
     with TestClient(create_app(ServeSettings(checkpoint=str(out / "model")))) as client:
         deadline = time.monotonic() + 60

@@ -104,7 +104,11 @@ def evaluate_model(model: Sora, data: str | None = None, split: str = "test", ta
     - otherwise a task head on labeled data (``evaluate_checkpoint``), with a robustness section: ``attacks``
       None runs the default attack (``sora.attack.DEFAULT_EVAL_ATTACKS`` on a capped sample), () none.
 
-    Every result has ``mode`` ("retrieval", "similarity" or "task"), ``data``, ``split``, ``metrics``, ``files``."""
+    - a checkpoint with several heads and neither ``task`` nor ``data``: every head on its task's test split
+      (``evaluate_every_task``, mode "tasks").
+
+    Every result has ``mode`` ("retrieval", "similarity", "task" or "tasks"), ``data``, ``split``, ``metrics``,
+    ``files``."""
     from sora.evaluate.retrieval import evaluate_retrieval, find_score_column, is_beir_dir, similarity_correlation
 
     if is_beir_dir(data):
@@ -128,5 +132,29 @@ def evaluate_model(model: Sora, data: str | None = None, split: str = "test", ta
                                       max_length=max_length, out=out, progress=progress)
     if max_length:
         model.max_length = int(max_length)
+    if task is None and data is None and len(model.model.head_specs) > 1:
+        return evaluate_every_task(model, split, out, batch_size, attacks, attack_examples, attack_options)
     result = evaluate_checkpoint(model, data, split, task, out, batch_size, attacks, attack_examples, attack_options)
     return {"mode": "task", **result}
+
+
+def evaluate_every_task(model: Sora, split: str = "test", out: str | Path | None = None, batch_size: int = 64,
+                        attacks: Sequence[str] | None = None, attack_examples: int | None = None,
+                        attack_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A multi-task checkpoint without ``--task`` or ``--data``: every head on its own task's test split, each
+    with its report (``out/TASK`` or beside the model). A head whose task has no test split is listed in
+    ``skipped`` with the reason; none with one is a ``ConfigError``."""
+    results: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for name in model.model.head_specs:
+        try:
+            results[name] = evaluate_checkpoint(model, None, split, name, Path(out) / name if out else None,
+                                                batch_size, attacks, attack_examples, attack_options)
+        except ConfigError as exc:
+            skipped[name] = str(exc)
+    if not results:
+        raise ConfigError("no task of this checkpoint has a test split to evaluate: "
+                          + "; ".join(f"{n}: {why}" for n, why in skipped.items()))
+    return {"mode": "tasks", "tasks": results, "skipped": skipped, "data": None, "split": split,
+            "metrics": {n: r["metrics"] for n, r in results.items()},
+            "files": {f"{n}/{k}": v for n, r in results.items() for k, v in r["files"].items()}}
