@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -366,3 +367,80 @@ def test_the_shared_translation_and_summarisation_data(shared_data):
     ids = target_ids(bpe, german[:20], 128)
     assert all(i[0] == bpe.cls_id and i[-1] == bpe.sep_id for i in ids)
     assert [bpe.decode(i).strip() for i in ids] == german[:20]
+
+
+# ------------------------------------------------------------------- model.generate and `sora generate` (CLI)
+
+
+def test_model_generate_with_its_overrides_and_errors(trained, tokenizer, tmp_path):
+    model, _, _ = trained
+    path = save_checkpoint(tmp_path / "model", model, tokenizer)
+    loaded = sora.load(path)
+    sources, targets = [a for a, _ in PAIRS], [b for _, b in PAIRS]
+    assert loaded.generate(sources) == targets  # the head's beam (4) and max_target_length
+    assert loaded.generate(sources, beam=1, task="t") == targets
+    assert loaded.generate(sources[::-1], batch_size=2) == targets[::-1]  # order kept whatever the batches
+    short = loaded.generate(sources, beam=1, max_length=2)
+    assert all(full.startswith(s) and len(s) < len(full) for s, full in zip(short, targets, strict=True)), short
+    with pytest.raises(TypeError, match="list of texts"):
+        loaded.generate(sources[0])
+    with pytest.raises(DataError, match="input 1"):
+        loaded.generate(["fine", " "])
+    with pytest.raises(sora.SoraError, match="text 0 is null"):
+        loaded.generate([None])
+    with pytest.raises(sora.SoraError, match="no text-generating task 'other'"):
+        loaded.generate(sources, task="other")
+    with pytest.raises(sora.SoraError, match="at least 1"):
+        loaded.generate(sources, beam=0)
+    headless = save_checkpoint(tmp_path / "headless", _model(tokenizer), tokenizer)
+    with pytest.raises(sora.SoraError, match="--task-type seq2seq"):
+        sora.load(headless).generate(sources)
+
+
+def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    from sora import cli
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["sora", "generate", *args])
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_generate_writes_source_and_output_rows_in_order(trained, tokenizer, tmp_path, monkeypatch, capsys):
+    model, _, _ = trained
+    path = save_checkpoint(tmp_path / "model", model, tokenizer)
+    write_jsonl(tmp_path / "in.jsonl", [{"source": a, "id": i} for i, (a, _) in enumerate(PAIRS)])
+    out = tmp_path / "out.jsonl"
+    code, stdout, err = _cli(monkeypatch, capsys, str(path), str(tmp_path / "in.jsonl"), "-o", str(out), "--beam", "2")
+    assert code == 0, err
+    assert "6 outputs (t)" in stdout
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert rows == [{"source": a, "output": b} for a, b in PAIRS]
+    # Other layouts: a CSV with a named column; plain text, one source per line.
+    (tmp_path / "in.csv").write_text("en,n\n" + "".join(f"{a},{i}\n" for i, (a, _) in enumerate(PAIRS[:2])))
+    code, _, err = _cli(monkeypatch, capsys, str(path), str(tmp_path / "in.csv"), "-o", str(tmp_path / "csv.jsonl"),
+                        "--column", "en", "--max-length", "2")
+    assert code == 0, err
+    got = [json.loads(line)["output"] for line in (tmp_path / "csv.jsonl").read_text().splitlines()]
+    assert all(PAIRS[i][1].startswith(g) and len(g) < len(PAIRS[i][1]) for i, g in enumerate(got)), got
+    (tmp_path / "in.txt").write_text(PAIRS[3][0] + "\n")
+    assert _cli(monkeypatch, capsys, str(path), str(tmp_path / "in.txt"), "-o", str(tmp_path / "txt.jsonl"))[0] == 0
+    assert json.loads((tmp_path / "txt.jsonl").read_text())["output"] == PAIRS[3][1]
+    # Bad input: one line naming the file and line, exit 2, and the earlier output left as it was.
+    before = out.read_text(encoding="utf-8")
+    write_jsonl(tmp_path / "bad.jsonl", [{"source": "a dog runs fast"}, {"text": "no source"}])
+    write_jsonl(tmp_path / "blank.jsonl", [{"source": "a dog runs fast"}, {"source": "  "}])
+    for bad, message in (("bad.jsonl", "bad.jsonl:2: no column 'source'"), ("blank.jsonl", "blank.jsonl:2: empty"),
+                         ("missing.jsonl", "missing.jsonl")):
+        code, _, err = _cli(monkeypatch, capsys, str(path), str(tmp_path / bad), "-o", str(out))
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], err
+        assert out.read_text(encoding="utf-8") == before
+    assert _cli(monkeypatch, capsys, str(path), str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "o.csv"))[0] == 2
+    code, _, err = _cli(monkeypatch, capsys, str(path), str(tmp_path / "in.jsonl"), "-o", str(out), "--task", "x")
+    assert code == 2 and "no text-generating task 'x'" in err

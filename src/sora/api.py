@@ -1,4 +1,4 @@
-"""The Python face of Sora: ``sora.load(path).embed(texts)``."""
+"""The Python face of Sora: ``sora.load(path).embed(texts)``, ``.predict``, ``.answer``, ``.generate``."""
 
 from __future__ import annotations
 
@@ -132,6 +132,37 @@ class Sora:
         items = [(question, context)] if one else list(question)
         rows = [r[names[0]] for r in self.predict(items, task=names[0], batch_size=batch_size)]
         return rows[0] if one else rows
+
+    def generation_task(self, task: str | None = None) -> str:
+        """The head ``generate`` uses: ``task``, or the model's one generating head."""
+        names = [n for n, s in self.model.head_specs.items() if kind_of(s).generates and task in (None, n)]
+        if not names:
+            have = ", ".join(self.model.head_specs) or "none"
+            raise SoraError(f"no text-generating task{f' {task!r}' if task else ''} in this checkpoint "
+                            f"(tasks: {have}); fine-tune one with --task-type seq2seq")
+        if len(names) > 1:
+            raise SoraError(f"several text-generating tasks ({', '.join(names)}): choose one with task=")
+        return names[0]
+
+    def generate(self, texts: Sequence[str], beam: int | None = None, max_length: int | None = None,
+                 task: str | None = None, batch_size: int = 64) -> list[str]:
+        """The generated text (translation, summary, ...) of each source text, in order, from a seq2seq head
+        (``sora finetune --task-type seq2seq``). ``beam``: beam size (1: greedy; default the head's, 4 unless its
+        recipe says otherwise); ``max_length``: the most tokens generated per text (default the head's
+        ``max_target_length``, 128). Deterministic: the same texts give the same outputs, alone or batched."""
+        if isinstance(texts, str):
+            raise TypeError("generate() takes a list of texts, not one string")
+        name = self.generation_task(task)
+        spec = self.model.head_specs[name]
+        kind = kind_of(spec)
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            what = texts[bad]
+            raise SoraError(f"text {bad} is {'null' if what is None else type(what).__name__}, not a string")
+        examples = kind.examples_from(list(texts), spec)
+        enc = kind.encode(examples, spec, self.tokenizer, self.max_length)
+        return kind.generate(self.model, self.tokenizer, name, enc, batch_size, self.encoder, beam=beam,
+                             max_length=max_length)
 
     @torch.inference_mode()
     def head_predictions(self, name: str, code: torch.Tensor) -> list[dict[str, Any]]:

@@ -132,8 +132,8 @@ def finetune(
     data: Annotated[str | None, typer.Option(help="task data: a dir with train/validation/test, or a file")] = None,
     validation: Annotated[str | None, typer.Option(help="validation file (model selection)")] = None,
     test: Annotated[str | None, typer.Option(help="test file (for sora evaluate)")] = None,
-    task_type: Annotated[str | None, typer.Option(help="classification|pair|multilabel|regression|relation|qa "
-                                                       "(sora.tasks.KINDS)")] = None,
+    task_type: Annotated[str | None, typer.Option(help="classification|pair|multilabel|regression|relation|qa|"
+                                                       "seq2seq (sora.tasks.KINDS)")] = None,
     text_column: Annotated[str | None, typer.Option()] = None,
     label_column: Annotated[str | None, typer.Option()] = None,
     delimiter: Annotated[str | None, typer.Option(help=DELIMITER_HELP + "; recipe key tasks[].delimiter")] = None,
@@ -217,17 +217,29 @@ def evaluate(
     result = evaluate_model(sora.load(checkpoint, device=device), data, split, task, output, batch_size, max_length,
                             score_column, progress=sys.stderr.isatty(), attacks=attacks,
                             attack_examples=attack_examples, attack_options={"lexicon": lexicon} if lexicon else None)
+    if result["mode"] == "tasks":  # a multi-task checkpoint: every head on its own test split
+        for one in result["tasks"].values():
+            _task_lines(one)
+        for name, why in result["skipped"].items():
+            typer.echo(f"{name}: not evaluated: {why}")
+        return
     if result["mode"] == "task":
-        m = result["metrics"]
-        headline = [k for k in result.get("headline") or m if k != "n" and isinstance(m.get(k), int | float)]
-        typer.echo(f"{result['task']} on {result['data']} ({m.get('n')} examples): "
-                   + ", ".join(f"{k} {m[k]:.4f}" for k in headline))
-        for name, r in (m.get("robustness") or {}).items():
-            typer.echo(_robustness_line(name, r))
-        if m.get("robustness_note"):
-            typer.echo(f"robustness: {m['robustness_note']}")
-    else:
-        typer.echo(summary_line(result))
+        _task_lines(result)
+        return
+    typer.echo(summary_line(result))
+    typer.echo(f"report: {result['files'].get('report')}")
+
+
+def _task_lines(result: dict[str, Any]) -> None:
+    """One task head's evaluation: its headline metrics, robustness, and where the report is."""
+    m = result["metrics"]
+    headline = [k for k in result.get("headline") or m if k != "n" and isinstance(m.get(k), int | float)]
+    typer.echo(f"{result['task']} on {result['data']} ({m.get('n')} examples): "
+               + ", ".join(f"{k} {m[k]:.4f}" for k in headline))
+    for name, r in (m.get("robustness") or {}).items():
+        typer.echo(_robustness_line(name, r))
+    if m.get("robustness_note"):
+        typer.echo(f"robustness: {m['robustness_note']}")
     typer.echo(f"report: {result['files'].get('report')}")
 
 
@@ -395,6 +407,63 @@ def predict(
 
 
 @app.command()
+def generate(
+    checkpoint: Annotated[str, typer.Argument(help="a Sora checkpoint or run directory with a seq2seq head "
+                                                   "(sora finetune --task-type seq2seq)")],
+    input: Annotated[str, typer.Argument(help="source texts: JSONL/CSV/TSV/TXT/Parquet")],
+    output: Annotated[Path, typer.Option("--output", "-o", help=".jsonl: one {source, output} row per input row")],
+    beam: Annotated[int | None, typer.Option(help="beam size, 1 = greedy (default: the head's, 4)")] = None,
+    max_length: Annotated[int | None, typer.Option(help="most tokens generated per text (default: the head's "
+                                                        "max_target_length)")] = None,
+    task: Annotated[str | None, typer.Option(help="the seq2seq head (when there are several)")] = None,
+    column: Annotated[str | None, typer.Option(help="the source column (default: the first of source, dialogue, "
+                                                    "document, text, src in the first row)")] = None,
+    delimiter: Annotated[str | None, typer.Option(help=DELIMITER_HELP)] = None,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    device: Annotated[str, typer.Option()] = "cpu",
+) -> None:
+    """Generate text (translations, summaries) for each source text, written as JSONL in input order."""
+    import sora
+    from sora.data.readers import detect_layout, read_records, resolve_split, text_value
+    from sora.data.seq2seq import SOURCE_COLUMNS
+    from sora.errors import DataError
+
+    if output.suffix.lower() != ".jsonl":
+        raise SoraError(f"--output {output}: use a .jsonl file")
+    if beam is not None and beam < 1 or max_length is not None and max_length < 1:
+        raise SoraError("--beam and --max-length must be at least 1")
+    _check_writable(output)
+    model = sora.load(checkpoint, device=device)
+    name = model.generation_task(task)  # before reading: a model without a seq2seq head says so at once
+    path = resolve_split(input)
+    layout = detect_layout(path, None, delimiter, [column] if column else list(SOURCE_COLUMNS))
+    rows = list(read_records(path, layout=layout))
+    if layout.plain_text:
+        column = "text"
+    elif column is None:
+        column = next((c for c in SOURCE_COLUMNS if rows and c in rows[0][1]), "source")
+    sources = []
+    for line, r in rows:
+        if column not in r:
+            raise DataError(f"{path}:{line}: no column {column!r} ({layout.describe(r)}); choose it with --column")
+        text = text_value(layout, line, r, column)
+        if not text.strip():
+            raise DataError(f"{path}:{line}: empty {column!r}: nothing to generate from")
+        sources.append(text)
+    if not sources:
+        raise DataError(f"{path}: no rows to generate from (empty data)")
+    outputs = model.generate(sources, beam=beam, max_length=max_length, task=name, batch_size=batch_size)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as fh:
+            for source, out in zip(sources, outputs, strict=True):
+                fh.write(json.dumps({"source": source, "output": out}, ensure_ascii=False) + "\n")
+
+    _write_atomically(output, write)
+    typer.echo(f"{len(outputs)} outputs ({name}) -> {output}")
+
+
+@app.command()
 def tune(
     recipe: Annotated[Path, typer.Argument(help="fine-tuning YAML recipe: the base of every trial")],
     trials: Annotated[int, typer.Option(help="number of trials")] = 20,
@@ -460,6 +529,9 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="requests waiting for a forward pass before 429")] = 1024,
     max_texts: Annotated[int, typer.Option(help="texts per request before 413")] = 256,
     max_chars: Annotated[int, typer.Option(help="characters per text before 413")] = 5000,
+    max_new_tokens: Annotated[int, typer.Option(help="/v1/generate: tokens generated per text (default and "
+                                                     "cap)")] = 128,
+    max_beam: Annotated[int, typer.Option(help="/v1/generate: the widest beam a request may ask for")] = 8,
     max_body_bytes: Annotated[int | None, typer.Option(help="request body bytes before 413 (default: what "
                                                             "--max-texts and --max-chars allow)",
                                                        envvar="SORA_MAX_BODY_BYTES")] = None,
@@ -476,7 +548,8 @@ def serve(
                                                         "checkpoint's directory name)", envvar="SORA_MODEL_NAME")
                           ] = None,
 ) -> None:
-    """Serve a checkpoint over HTTP (FastAPI): /v1/embed, /v1/predict, /v1/models, /healthz, /readyz, /metrics."""
+    """Serve a checkpoint over HTTP (FastAPI): /v1/embed, /v1/predict, /v1/answer, /v1/generate, /v1/models,
+    /healthz, /readyz, /metrics."""
     from pydantic import ValidationError
 
     from sora.errors import ConfigError
@@ -486,7 +559,8 @@ def serve(
         settings = ServeSettings(checkpoint=checkpoint, host=host, port=port, workers=workers, threads=threads,
                                  api_key_env=api_key_env or None, max_batch_tokens=max_batch_tokens,
                                  max_wait_ms=max_wait_ms, max_queue=max_queue, max_texts=max_texts,
-                                 max_chars=max_chars, backend=backend, device=device, access_log=access_log,
+                                 max_chars=max_chars, max_new_tokens=max_new_tokens, max_beam=max_beam,
+                                 backend=backend, device=device, access_log=access_log,
                                  model_name=model_name, dtype=dtype, max_body_bytes=max_body_bytes,
                                  body_timeout_s=body_timeout_s)
     except ValidationError as exc:

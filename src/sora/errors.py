@@ -34,6 +34,8 @@ OPTIONAL = {
     "matplotlib": ("matplotlib", "train"),
     "optuna": ("optuna", "train"),
     "onnx": ("onnx", "train"),
+    "sacrebleu": ("sacrebleu", "train"),
+    "rouge_score": ("rouge-score", "train"),
 }
 
 

@@ -57,6 +57,7 @@ class TaskKind:
     input_columns: ClassVar[tuple[str, ...] | None] = None  # what ``sora predict`` reads (None: text / text_b)
     points: ClassVar[float] = 100.0  # metric points per unit of its metrics (fractions: 100; percentages: 1)
     answers: ClassVar[bool] = False  # its heads answer questions: ``Sora.answer``, ``POST /v1/answer``
+    generates: ClassVar[bool] = False  # its heads generate text: ``Sora.generate``, ``sora generate``, ``/v1/generate``
     max_length: ClassVar[int] = 128  # tokens per example when the recipe sets no data.max_length
     epochs: ClassVar[float | None] = None  # training length when the recipe sets none (None: finetune.SCHEDULES)
     attack: ClassVar[AttackInput | None] = None  # what ``sora.attack`` edits (None: no single label to flip)

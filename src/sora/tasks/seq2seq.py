@@ -177,14 +177,26 @@ class Seq2Seq(TaskKind):
         t, q = target.float().log_softmax(-1), logits.float().log_softmax(-1)
         return (t.exp() * (t - q)).sum(-1)[real].mean()
 
-    @torch.inference_mode()
     def predict(self, model: SoraModel, tokenizer: SoraTokenizer, name: str, encoded: list[dict[str, Any]],
                 batch_size: int = 64, encoder: Any = None) -> list[str]:
-        """The generated text of each encoded row, in order (beam search with the head's options). Its own loop
+        """The generated text of each encoded row, in order (beam search with the head's options)."""
+        return self.generate(model, tokenizer, name, encoded, batch_size, encoder)
+
+    @torch.inference_mode()
+    def generate(self, model: SoraModel, tokenizer: SoraTokenizer, name: str, encoded: list[dict[str, Any]],
+                 batch_size: int = 64, encoder: Any = None, *, beam: int | None = None,
+                 max_length: int | None = None) -> list[str]:
+        """``predict`` with the head's ``beam`` and ``max_target_length`` (tokens generated, end of sequence
+        excluded) replaced where given (``Sora.generate``, ``sora generate``, ``POST /v1/generate``). Its own loop
         rather than ``batched``: outputs are token lists of any length decoded by the target tokenizer, not
         score arrays. Longest sources first, as there, so batches carry little padding."""
         spec, head = model.head_specs[name], model.heads[name]
         opt, target = self.options(spec), self.target_tokenizer(spec, tokenizer)
+        beam = opt.beam if beam is None else beam
+        longest = opt.max_target_length if max_length is None else max_length
+        if beam < 1 or longest < 1:
+            raise ConfigError(f"generate: beam ({beam}) and max_length ({longest}) must be at least 1")
+        longest = min(longest, (opt.positions or longest + 1) - 1)  # bos + the output fit the decoder's positions
         encoder = model if encoder is None else encoder
         texts = [""] * len(encoded)
         was_training = model.training
@@ -198,7 +210,7 @@ class Seq2Seq(TaskKind):
                 batch = {k: v.to(device) for k, v in rows.items()}
                 memory, memory_mask = head.memory(encoder_output(encoder, batch, opt.decoder == "tokens"))
                 ids = generate(head, memory, memory_mask, target.cls_id, target.sep_id, target.pad_id,
-                               beam=opt.beam, max_length=opt.max_target_length + 1, min_length=opt.min_target_length,
+                               beam=beam, max_length=longest + 1, min_length=min(opt.min_target_length, longest),
                                length_penalty=opt.length_penalty, no_repeat_ngram=opt.no_repeat_ngram)
                 for i, seq in zip(idx, ids, strict=True):
                     texts[i] = target.decode(seq).strip()
