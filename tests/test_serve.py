@@ -42,6 +42,7 @@ from sora.train.pretrain import run_pretrain
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "sample"
 QA = ROOT / "examples" / "qa"
+TRANSLATE = ROOT / "examples" / "translate"
 SORA = [sys.executable, "-m", "sora.cli"]
 LABELS = ["billing", "delivery", "finance_news", "product_review"]
 KEY = "test-key-0123456789"
@@ -95,6 +96,29 @@ def model_dir(tmp_path_factory) -> Path:
     return init
 
 
+GEN_VALIDATION = {"chrf": 12.5, "bleu": 3.25, "broken": float("nan"), "note": "not a number"}
+
+
+@pytest.fixture(scope="module")
+def gen_dir(model_dir) -> Path:
+    """A seq2seq head (examples/translate, en→de) on the same tiny pretrained model; its checkpoint's
+    metadata.tasks_validation set by hand (what fine-tuning writes: {task: {metric: value}})."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = model_dir.parent / "translate"
+    run_finetune(load_finetune_recipe(None, {
+        **FT_BASE, "finetune.init": str(model_dir.parent / "pre"), "output": str(out), "tasks.0.name": "translate",
+        "tasks.0.data": str(TRANSLATE), "tasks.0.type": "seq2seq", "tasks.0.metric": "chrf", "finetune.max_steps": 200,
+        "data.batch_size": 8, "finetune.patience": 0, "finetune.head_lr_multiplier": 1.0,
+        "finetune.layer_lr_decay": 1.0, "tasks.0.options": {"max_target_length": 16, "label_smoothing": 0.0}}))
+    torch.set_num_threads(before)
+    config_path = out / "model" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["metadata"]["tasks_validation"] = {"translate": GEN_VALIDATION}
+    config_path.write_text(json.dumps(config))
+    return out
+
+
 @dataclass
 class Server:
     proc: subprocess.Popen
@@ -105,10 +129,19 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port not handed out before in this session: the kernel may offer a port again once the
+    probe socket closes, before the server given it has bound it (seen: two servers on one port)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 def start_server(model: Path, log: Path, *args: str, key: str | None = None, multiproc: Path | None = None,
@@ -144,7 +177,7 @@ def wait_ready(server: Server, timeout: float = 90.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def servers(model_dir, tmp_path_factory):
+def servers(model_dir, gen_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("serve-logs")
     broken = logs / "broken-checkpoint"  # config and tokenizer fine, weights truncated: fails while loading
     shutil.copytree(model_dir / "model", broken)
@@ -157,6 +190,8 @@ def servers(model_dir, tmp_path_factory):
         "workers": start_server(model_dir, logs / "workers.log", "--workers", "2", multiproc=logs / "prometheus"),
         "broken": start_server(broken, logs / "broken.log"),
         "limits": start_server(model_dir, logs / "limits.log", extra_env=LIMITS_ENV),
+        "gen": start_server(gen_dir, logs / "gen.log", "--max-texts", "4", "--max-chars", "100",
+                            "--max-new-tokens", "12", "--max-beam", "3"),
     }
     try:
         for name, server in started.items():
@@ -332,12 +367,108 @@ def test_models_card(url, model_dir):
     assert card["name"] == model_dir.name and card["backend"] == "torch"
     assert card["version"].startswith("sha256:") and card["sora_version"] == sora.__version__
     default_pair_mode = TaskConfig.model_fields["pair_mode"].default  # what the fixture's recipes leave it at
+    saved = (config["metadata"].get("tasks_validation") or {}).get("topic")  # absent in older checkpoints: None
     assert card["tasks"]["topic"] == {"type": "classification", "pair": False, "pair_mode": default_pair_mode,
-                                      "labels": LABELS, "metric": "accuracy"}
+                                      "labels": LABELS, "metric": "accuracy",
+                                      "validation": pytest.approx(saved) if saved else None}
     assert card["tasks"]["same_topic"]["pair"] is True
     assert card["validation"] == pytest.approx(config["metadata"]["validation"])  # measured accuracy
     assert card["quantization"] is None and card["compression"] is None and card["dtype"] == "float32"
     assert card["limits"]["max_texts"] == 8 and card["limits"]["max_chars"] == 200
+    assert card["limits"]["max_new_tokens"] == 128 and card["limits"]["max_beam"] == 8  # the defaults
+
+
+# ---- /v1/generate (the "gen" server: a seq2seq head, --max-texts 4 --max-chars 100 --max-new-tokens 12
+# --max-beam 3) ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_gen(gen_dir):
+    return sora.load(gen_dir)
+
+
+SOURCES = ["my parcel has not arrived", "the phone is broken", "please call me tomorrow", "the shop is open today"]
+
+
+def test_generate_matches_in_process_with_the_servers_limits_as_defaults(servers, local_gen):
+    url = servers["gen"].url
+    r = post(url, "/v1/generate", {"texts": SOURCES})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    # Defaults: the head's beam 4 and 16 tokens, held to the server's --max-beam 3 and --max-new-tokens 12.
+    assert (body["task"], body["beam"], body["max_new_tokens"], body["model"]) == ("translate", 3, 12, "translate")
+    outputs = [o["text"] for o in body["outputs"]]
+    assert outputs == local_gen.generate(SOURCES, beam=3, max_length=12)
+    assert len(set(outputs)) > 1  # the head reads its source: different sources, different outputs
+    r = post(url, "/v1/generate", {"texts": SOURCES[:2], "beam": 1, "max_new_tokens": 3, "task": "translate"})
+    assert r.status_code == 200 and r.json()["beam"] == 1, r.text
+    short = [o["text"] for o in r.json()["outputs"]]
+    assert short == local_gen.generate(SOURCES[:2], beam=1, max_length=3)
+    greedy = local_gen.generate(SOURCES[:2], beam=1, max_length=12)
+    assert all(len(a) < len(b) for a, b in zip(short, greedy, strict=True)), (short, greedy)  # cut at 3 tokens
+    # A generating head answers /v1/predict when named (the head's own decoding), not by default.
+    r = post(url, "/v1/predict", {"texts": SOURCES[:2], "tasks": ["translate"]})
+    assert r.status_code == 200, r.text
+    assert [p["translate"]["text"] for p in r.json()["predictions"]] == local_gen.generate(SOURCES[:2])
+    assert post(url, "/v1/predict", {"texts": SOURCES[:2]}).status_code == 404
+    with SoraClient(url) as client:
+        assert client.generate(SOURCES * 2, beam=3, max_new_tokens=12) == outputs * 2  # 2 requests of max_texts 4
+    r = post(url, "/v1/generate", {"texts": [" ", SOURCES[1], ""]})  # blank sources: empty outputs, the rest as usual
+    assert r.status_code == 200 and [o["text"] for o in r.json()["outputs"]] == ["", outputs[1], ""], r.text
+
+
+@pytest.mark.parametrize(("body", "status", "message"), [
+    ({"texts": ["a"] * 5}, 413, "max_texts 4"),
+    ({"texts": ["ok", "x" * 101]}, 413, "text 1 is too long"),
+    ({"texts": ["a"], "beam": 4}, 422, "max_beam 3"),
+    ({"texts": ["a"], "max_new_tokens": 13}, 422, "max_new_tokens 12"),
+    ({"texts": ["a"], "task": "summary"}, 404, "no text-generating task 'summary'"),
+    ({"texts": ["a"], "beam": 0}, 422, None), ({"texts": ["a"], "beam": None}, 422, None),
+    ({"texts": []}, 422, None), ({"texts": ["a"], "extra": 1}, 422, None), ({"texts": "a"}, 422, None),
+])
+def test_generate_limits_and_errors(servers, body, status, message):
+    r = post(servers["gen"].url, "/v1/generate", body)
+    assert r.status_code == status, (body, r.status_code, r.text)
+    if message:
+        assert message in r.json()["detail"], r.text
+
+
+def test_generate_on_a_model_without_a_generating_head_is_404(url):
+    r = post(url, "/v1/generate", {"texts": ["a"]})
+    assert r.status_code == 404 and "--task-type seq2seq" in r.json()["detail"]
+
+
+def test_generate_card_metrics_and_schema(servers):
+    url = servers["gen"].url
+    card = httpx.get(url + "/v1/models").json()["models"][0]
+    assert card["tasks"]["translate"]["type"] == "seq2seq" and card["tasks"]["translate"]["metric"] == "chrf"
+    assert card["tasks"]["translate"]["validation"] == {"chrf": 12.5, "bleu": 3.25}  # finite numbers only
+    assert card["limits"]["max_new_tokens"] == 12 and card["limits"]["max_beam"] == 3
+    post(url, "/v1/generate", {"texts": ["a"] * 5})
+    values = metric_values(httpx.get(url + "/metrics").text)
+    assert values[("sora_requests_total", (("route", "/v1/generate"), ("status", "200")))] >= 1
+    assert values[("sora_requests_total", (("route", "/v1/generate"), ("status", "413")))] >= 1
+    assert ("sora_requests_total", (("route", "/v1/generate"), ("status", "429"))) in values
+    assert values[("sora_request_duration_seconds_count", (("route", "/v1/generate"),))] >= 1
+    request = httpx.get(url + "/openapi.json").json()["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert request["beam"]["maximum"] == 3 and request["max_new_tokens"]["maximum"] == 12
+    assert request["texts"]["maxItems"] == 4 and request["texts"]["items"]["maxLength"] == 100
+
+
+async def _generate_at_once(url: str, n: int) -> list[httpx.Response]:
+    return await simultaneous(url, "/v1/generate", [{"texts": [SOURCES[i % 4]]} for i in range(n)])
+
+
+def test_concurrent_generate_requests_share_a_pass(servers, local_gen):
+    url = servers["gen"].url
+    before = metric_values(httpx.get(url + "/metrics").text)
+    responses = asyncio.run(_generate_at_once(url, 8))
+    assert [r.status_code for r in responses] == [200] * 8
+    alone = local_gen.generate(SOURCES, beam=3, max_length=12)
+    assert [r.json()["outputs"][0]["text"] for r in responses] == [alone[i % 4] for i in range(8)]
+    after = metric_values(httpx.get(url + "/metrics").text)
+    passes = after[("sora_batch_size_count", ())] - before[("sora_batch_size_count", ())]
+    assert passes < 8, passes
 
 
 def test_limits_413(url):
@@ -553,7 +684,7 @@ def map_case(context, case):
 """
 
 
-def test_schemathesis_finds_no_server_errors(url, tmp_path):
+def test_schemathesis_finds_no_server_errors(url, servers, tmp_path):
     st = shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or shutil.which("schemathesis")
     if st is None:
         pytest.fail("schemathesis is not installed (pip install -c constraints.txt -e '.[dev]')")
@@ -563,13 +694,21 @@ def test_schemathesis_finds_no_server_errors(url, tmp_path):
     config.write_text("[checks.negative_data_rejection]\n"
                       "expected-statuses = [400, 401, 403, 404, 405, 406, 409, 413, 415, 422, 428, 429]\n")
     (tmp_path / "non_finite_hook.py").write_text(NON_FINITE_HOOK)
+    # The "open" model generates nothing (/v1/generate: always 404, which schemathesis warns of): the "gen" server's
+    # schema is run for that route below.
     proc = subprocess.run([st, "--config-file", str(config), "run", f"{url}/openapi.json", "--max-examples", "20",
-                           "--workers", "1", "--seed", "7", "--checks", "all", "--generation-database", "none",
-                           "--no-color"],
+                           "--exclude-path", "/v1/generate", "--workers", "1", "--seed", "7", "--checks", "all",
+                           "--generation-database", "none", "--no-color"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120,
                           env={**os.environ, "SCHEMATHESIS_HOOKS": str(tmp_path / "non_finite_hook.py")})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "No issues found" in proc.stdout, proc.stdout[-4000:]
+    # /v1/generate against a model that generates (the "open" model has no such head: only its 404s there).
+    gen = subprocess.run([st, "--config-file", str(config), "run", f"{servers['gen'].url}/openapi.json",
+                          "--include-path", "/v1/generate", "--max-examples", "20", "--workers", "1", "--seed", "7",
+                          "--checks", "all", "--generation-database", "none", "--no-color"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert gen.returncode == 0 and "No issues found" in gen.stdout, gen.stdout[-4000:] + gen.stderr[-2000:]
     sent = (tmp_path / "non-finite.log").read_text().splitlines()
     assert len(sent) >= 5 and all(any(token in line for line in sent) for token in ("NaN", "Infinity", "1e400")), sent
 

@@ -137,6 +137,23 @@ class SoraClient:
         return rows
 
 
+    def generate(self, texts: Sequence[str], task: str | None = None, beam: int | None = None,
+                 max_new_tokens: int | None = None) -> list[str]:
+        """The generated text of each source text from the model's seq2seq head, as ``Sora.generate``."""
+        if isinstance(texts, str):
+            raise TypeError("generate() takes a list of texts, not one string")
+        items = list(texts)
+        n = self._chunk()
+        out: list[str] = []
+        for i in range(0, len(items), n):
+            body: dict[str, Any] = {"texts": items[i : i + n]}
+            for key, value in (("task", task), ("beam", beam), ("max_new_tokens", max_new_tokens)):
+                if value is not None:
+                    body[key] = value
+            out.extend(o["text"] for o in self._request("POST", "/v1/generate", body).json()["outputs"])
+        return out
+
+
 def _retry_after(response: httpx.Response, default: float) -> float:
     try:
         return max(0.0, float(response.headers.get("Retry-After", "")))

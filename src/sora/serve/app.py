@@ -109,8 +109,9 @@ class AsciiJSONResponse(JSONResponse):
 
 
 def _document_limits(schema: dict, settings: ServeSettings) -> None:
-    """Put --max-texts / --max-chars into the request schemas (maxItems / maxLength): the docs show this
-    server's limits, and clients that validate against the schema never send what would get a 413."""
+    """Put --max-texts / --max-chars into the request schemas (maxItems / maxLength), and --max-beam /
+    --max-new-tokens (maximum): the docs show this server's limits, and clients that validate against the schema
+    never send what would get a 413 (or /v1/generate's 422)."""
     for name, model in schema.get("components", {}).get("schemas", {}).items():
         if not name.endswith("Request"):
             continue
@@ -123,6 +124,10 @@ def _document_limits(schema: dict, settings: ServeSettings) -> None:
             for text in items.get("prefixItems", [items]):
                 if text.get("type") == "string":
                     text["maxLength"] = settings.max_chars
+        for field, limit in (("beam", settings.max_beam), ("max_new_tokens", settings.max_new_tokens)):
+            prop = model.get("properties", {}).get(field)
+            if prop and prop.get("type") == "integer":
+                prop["maximum"] = limit
 
 
 def _finite(value) -> bool:

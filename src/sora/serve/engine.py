@@ -5,6 +5,8 @@ Batch keys:
   each predict job's heads are then applied to its rows of the codes (a head is one small linear layer), so
   one encoder pass serves every requested single-text head of every request in the batch.
 - ``("pair", task)``: (a, b) pairs for one pair head, through ``Sora.predict(pairs, task=...)``.
+- ``("generate", task, beam, max_new_tokens)``: source texts for one seq2seq head decoded the same way, through
+  ``Sora.generate`` (requests asking for the same decoding share the encoder pass and the beam search).
 """
 
 from __future__ import annotations
@@ -36,6 +38,19 @@ def load_sora(checkpoint: str, backend: str = "auto", device: str = "cpu", dtype
                     dtype=None if dtype == "auto" else dtype)
 
 
+def generate_key(task: str, beam: int, max_new_tokens: int) -> tuple[str, str, int, int]:
+    return ("generate", task, beam, max_new_tokens)
+
+
+def _finite_metrics(values: Any) -> dict[str, float] | None:
+    """A task's validation metrics as the card shows them: its finite numbers (None when there are none)."""
+    if not isinstance(values, dict):
+        return None
+    out = {str(k): float(v) for k, v in values.items()
+           if isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)}
+    return out or None
+
+
 def weights_version(path: Path) -> str:
     """A short content hash of the checkpoint's weights and config: changes whenever the model does."""
     h = hashlib.sha256()
@@ -61,7 +76,10 @@ class Engine:
         self.version = str(self.metadata.get("version") or weights_version(self.path))
         self.specs = dict(sora.model.head_specs)
         self.answer_tasks = [n for n, s in self.specs.items() if kind_of(s).answers]  # /v1/answer
-        self.single_tasks = [n for n, s in self.specs.items() if not s.pair and n not in self.answer_tasks]
+        self.generate_tasks = [n for n, s in self.specs.items() if kind_of(s).generates]  # /v1/generate
+        # /v1/predict's default heads: not those with routes of their own (named in `tasks`, a generating head runs)
+        self.single_tasks = [n for n, s in self.specs.items()
+                             if not s.pair and n not in self.answer_tasks and n not in self.generate_tasks]
         self.pair_tasks = [n for n, s in self.specs.items() if s.pair and n not in self.answer_tasks]
         self.max_length = int(sora.max_length)
         # A private copy of the tokenizer for counting on the event loop: the model's own one is reconfigured
@@ -93,13 +111,16 @@ class Engine:
             method = str(compression.get("method") or "")
             quant = compression.get("quantization") or ("int8" if "int8" in method else None)
         validation = self.metadata.get("validation") or {}
+        per_task = self.metadata.get("tasks_validation") or {}  # written by fine-tuning: {task: {metric: value}}
+        per_task = per_task if isinstance(per_task, dict) else {}
         info = self.sora.info()
         return {
             "name": self.name, "version": self.version, "backend": self.backend,
             "kind": str(self.config.get("kind", "unknown")), "backbone": str(info.get("backbone", "native")),
             "dim": self.dim, "max_length": self.max_length, "parameters": int(info.get("parameters", 0)),
             "tasks": {n: {"type": s.type, "pair": s.pair, "pair_mode": s.pair_mode, "labels": s.labels,
-                          "metric": s.metric} for n, s in self.specs.items()},
+                          "metric": s.metric, "validation": _finite_metrics(per_task.get(n))}
+                      for n, s in self.specs.items()},
             "quantization": str(quant) if quant else None,
             "dtype": self.sora.dtype,
             "compression": compression if isinstance(compression, dict) else None,
@@ -119,6 +140,8 @@ class Engine:
             return self._run_texts(jobs)
         if isinstance(key, tuple) and key[0] == "pair":
             return self._run_pairs(key[1], jobs)
+        if isinstance(key, tuple) and key[0] == "generate":
+            return self._run_generate(key[1], key[2], key[3], jobs)
         raise ValueError(f"unknown batch key {key!r}")
 
     def _run_texts(self, jobs: list[Job]) -> list[Any]:
@@ -155,5 +178,16 @@ class Engine:
         out, start = [], 0
         for job in jobs:
             out.append([r[task] for r in rows[start : start + job.size]])
+            start += job.size
+        return out
+
+    def _run_generate(self, task: str, beam: int, max_new_tokens: int, jobs: list[Job]) -> list[Any]:
+        # Beam search holds beam hypotheses per source: the token budget counts them.
+        texts = [t for j in jobs for t in j.items]
+        size = max(1, self._batch_size(jobs) // beam)
+        outputs = self.sora.generate(texts, beam=beam, max_length=max_new_tokens, task=task, batch_size=size)
+        out, start = [], 0
+        for job in jobs:
+            out.append(outputs[start : start + job.size])
             start += job.size
         return out

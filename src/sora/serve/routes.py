@@ -39,7 +39,7 @@ from sora.serve.schemas import (
 from sora.tasks import kind_of
 
 # Modules imported by ``mount`` so that their ``@route`` declarations register.
-PLUGINS: list[str] = ["sora.serve.answer"]
+PLUGINS: list[str] = ["sora.serve.answer", "sora.serve.generate"]
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -188,7 +188,8 @@ async def models(engine: Ready, state: State) -> ModelsResponse:
     from sora import __version__
 
     card = {**engine.card(), "sora_version": __version__,
-            "limits": {"max_texts": s.max_texts, "max_chars": s.max_chars, "max_batch_tokens": s.max_batch_tokens,
+            "limits": {"max_texts": s.max_texts, "max_chars": s.max_chars, "max_new_tokens": s.max_new_tokens,
+                       "max_beam": s.max_beam, "max_batch_tokens": s.max_batch_tokens,
                        "max_queue": s.max_queue, "max_wait_ms": s.max_wait_ms, "max_body_bytes": s.body_limit(),
                        "body_timeout_s": s.body_timeout_s}}
     return ModelsResponse.model_validate({"models": [card]})

@@ -110,6 +110,41 @@ class AnswerResponse(BaseModel):
     task: str
 
 
+class GenerateRequest(_Request):
+    texts: list[Text] = Field(min_length=1, description="source texts (at most the server's max_texts)",
+                              examples=[["a man rides a bike down the street"]])
+    task: Text | SkipJsonSchema[None] = Field(None, description="the text-generating head (when there are several)")
+    beam: Annotated[int, Field(ge=1)] | SkipJsonSchema[None] = Field(
+        None, description="beam size, 1 = greedy (default: the head's; at most the server's max_beam)")
+    max_new_tokens: Annotated[int, Field(ge=1)] | SkipJsonSchema[None] = Field(
+        None, description="the most tokens generated per text (default and maximum: the server's max_new_tokens)")
+
+    @field_validator("task", "beam", "max_new_tokens", mode="before")
+    @classmethod
+    def _not_null(cls, value):
+        if value is None:
+            raise ValueError("leave the field out instead of sending null")
+        return value
+
+    def all_texts(self) -> list[str]:
+        return self.texts
+
+    def count(self) -> int:
+        return len(self.texts)
+
+
+class Generation(BaseModel):
+    text: str = Field(description="the generated output")
+
+
+class GenerateResponse(BaseModel):
+    outputs: list[Generation] = Field(description="one per input text, in order")
+    model: str
+    task: str
+    beam: int
+    max_new_tokens: int
+
+
 class EmbedResponse(BaseModel):
     embeddings: list[list[float]]
     model: str
@@ -120,13 +155,15 @@ TaskType = Literal[tuple(KINDS)]  # type: ignore[valid-type]  # the task kinds t
 
 
 class TaskPrediction(BaseModel):
-    """Classification/pair: label, score, scores. Multilabel: labels, scores. Regression: value."""
+    """Classification/pair: label, score, scores. Multilabel: labels, scores. Regression: value. Seq2seq: text
+    (the generated output; ``POST /v1/generate`` sets the decoding)."""
 
     label: str | None = None
     score: float | None = None
     scores: dict[str, float] | None = None
     labels: list[str] | None = None
     value: float | None = None
+    text: str | None = None
 
 
 class PredictResponse(BaseModel):
@@ -141,11 +178,16 @@ class TaskCard(BaseModel):
     pair_mode: str
     labels: list[str] | None = None
     metric: str
+    validation: dict[str, float] | None = Field(
+        None, description="this task's own metrics on its validation split when the checkpoint was saved "
+                          "(metadata.tasks_validation; null when the checkpoint does not say)")
 
 
 class Limits(BaseModel):
     max_texts: int
     max_chars: int
+    max_new_tokens: int
+    max_beam: int
     max_batch_tokens: int
     max_queue: int
     max_wait_ms: float

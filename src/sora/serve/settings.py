@@ -29,6 +29,8 @@ class ServeSettings(BaseModel):
     max_queue: int = Field(1024, ge=1)  # requests waiting for a forward pass; more → 429
     max_texts: int = Field(256, ge=1)  # texts (or pairs) per request; more → 413
     max_chars: int = Field(5000, ge=1)  # characters per text; more → 413
+    max_new_tokens: int = Field(128, ge=1)  # /v1/generate: tokens generated per text (the default and the cap)
+    max_beam: int = Field(8, ge=1)  # /v1/generate: the widest beam a request may ask for
     # Request bodies: more bytes → 413 (by Content-Length before reading, else as they arrive); not all received
     # within body_timeout_s → 408. Unset max_body_bytes: the largest body max_texts and max_chars can let through.
     max_body_bytes: int | None = Field(default_factory=lambda: os.environ.get(MAX_BODY_ENV) or None, ge=1,
