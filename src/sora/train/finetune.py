@@ -185,13 +185,18 @@ SCHEDULES = (Schedule("few-label", 16, 10, 12, 30, 3), Schedule("some-label", 12
              Schedule("full-data", math.inf, 1, 100, 300, 3))
 
 
-def plan_steps(fcfg, per_epoch: int, per_class: float) -> tuple[int, int, str | None]:
-    """(steps, validate every, the schedule's name or None when the recipe set the length)."""
+def plan_steps(fcfg, per_epoch: int, per_class: float, shares: float = 1.0) -> tuple[int, int, str | None]:
+    """(steps, validate every, the schedule's name or None when the recipe set the length).
+
+    ``shares``: how many tasks share the steps (tasks ÷ tasks drawn per step; 1 when every step trains every
+    task): the schedule's bounds on the steps scale by it, so each task of a mix gets about the steps it would get
+    alone."""
     if fcfg.max_steps or fcfg.epochs:
         steps = fcfg.max_steps or max(1, math.ceil(fcfg.epochs * per_epoch))
         return steps, max(per_epoch, math.ceil(steps / (fcfg.max_evaluations or 20))), None
     plan = next(s for s in SCHEDULES if per_class <= s.up_to_per_class)
-    steps = min(plan.max_steps, max(plan.min_steps, math.ceil(plan.epochs * per_epoch)))
+    low, high = math.ceil(plan.min_steps * shares), math.ceil(plan.max_steps * shares)
+    steps = min(high, max(low, math.ceil(plan.epochs * per_epoch)))
     every = max(1, math.ceil(steps / (fcfg.max_evaluations or plan.evaluations)))
     return every * math.ceil(steps / every), every, plan.name  # the last step is a validation
 
@@ -372,7 +377,8 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
         per_epoch = steps_per_epoch([s.batches_per_epoch(d.batch_size) for s in streams.values()], per_step,
                                     dist.world_size)
         largest = max((data for _, data in tasks), key=lambda t: len(t.train))
-        max_steps, eval_every, schedule = plan_steps(fcfg, per_epoch, kind_of(largest.task).per_class(largest))
+        max_steps, eval_every, schedule = plan_steps(fcfg, per_epoch, kind_of(largest.task).per_class(largest),
+                                                     len(tasks) / per_step)
         if dist.is_main and schedule:
             print(f"fine-tuning: {schedule} schedule ({len(largest.train):,} labelled examples), {max_steps} steps, "
                   f"validating every {eval_every}", flush=True)
