@@ -257,3 +257,27 @@ def test_one_checkpoint_with_six_heads_answers_them_all_in_one_call_and_one_requ
         assert sorted(body["tasks"]) == sorted(t["name"] for t in tasks)
         assert [set(r) for r in body["predictions"]] == [{t["name"] for t in tasks}] * 2
         assert body["predictions"][0]["words"]["value"] == pytest.approx(rows[0]["words"]["value"], abs=1e-4)
+
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
+def test_two_processes_draw_the_same_tasks_and_pcgrad_is_refused_there(pretrained, tmp_path):
+    """Under DDP every process trains the task the sampler draws for the step (so their graphs and logged keys
+    agree) on its own batch of it; PCGrad, which writes gradients DDP does not see, stops with one clear line."""
+    recipe = two_tasks(pretrained, tmp_path / "ddp", sampler="temperature", weighting="uncertainty")
+    recipe["finetune"]["max_steps"] = 6
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    launch = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "sora.cli", "finetune", str(path)]
+    run([*launch, "-o", str(tmp_path / "ddp")])
+    sampler = build_sampler("temperature", {"a": 360, "b": 20}, seed=13, total_steps=6)
+    steps = [r for r in read_log(tmp_path / "ddp") if "grad_norm" in r]
+    assert [r["step"] for r in steps] == list(range(1, 7))
+    assert [[t for t in ("a", "b") if t in r] for r in steps] == [sampler.tasks_at(s) for s in range(6)]
+
+    recipe["multitask"] = {"sampler": "temperature", "weighting": "pcgrad"}
+    path.write_text(yaml.safe_dump(recipe))
+    refused = run([*launch, "-o", str(tmp_path / "pcgrad")], check=False)
+    assert refused.returncode != 0 and "computes gradients itself, which DDP does not" in refused.stderr
