@@ -63,6 +63,9 @@ DATASETS = ("sst2", "ag_news", "financial_phrasebank")
 REGIMES = ("64", "full")
 SORA_METHODS = {"plain": None, "fgm": "fgm", "pgd": "pgd", "freelb": "freelb", "smart": "smart",
                 "adv_examples": "examples"}
+# Not in the default grid: settings swept to choose the methods' defaults (``--methods plain,smart_e0.1,...``).
+SWEEP = {"smart_e0.1": "smart --set adversarial.epsilon=0.1", "smart_e0.3": "smart --set adversarial.epsilon=0.3",
+         "fgm_e0.5": "fgm --set adversarial.epsilon=0.5", "fgm_e2": "fgm --set adversarial.epsilon=2"}
 PEERS = ("hf_trainer", "setfit")
 METHODS = (*SORA_METHODS, *PEERS)
 ATTACKS = ("char", "word")
@@ -108,7 +111,7 @@ def accuracy_of(pred: list[str], gold: list[Example]) -> float:
 
 def run_sora_method(run: acc.Run, method: str, threads: int, encoder: Sora, sample: list[Example]) -> dict[str, Any]:
     out = run.workdir / f"robust-{method}"
-    flag = SORA_METHODS[method]
+    flag = {**SORA_METHODS, **SWEEP}[method]
     template = SORA_COMMAND_FULL if run.regime == "full" else SORA_COMMAND
     stdout, wall, argv = run_sora(template, run.device, threads, data=run.split.directory, n=run.regime,
                                   seed=run.seed, adversarial=f" --adversarial {flag}" if flag else "", out=out)
@@ -202,16 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.setfit_max_steps is None and device.type != "cuda":
         args.setfit_max_steps = 1500
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHODS and m not in SWEEP]
     if unknown:
-        raise SystemExit(f"unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})")
+        raise SystemExit(f"unknown method {unknown[0]!r} (choose from {', '.join([*METHODS, *SWEEP])})")
     path = Path(args.out) if args.out else result_path("robustness", args.quick)
     out: dict[str, Any] = json.loads(path.read_text()) if args.resume and path.is_file() else {}
     encoder = sora.load(str(minilm_path()), device=str(device))
     budgets = acc.BUDGETS["quick" if args.quick else device.type if device.type == "cuda" else "cpu"]
     meta = {"command": command_line(), "machine": machine_info(device), "threads": threads,
             "sora_command": SORA_COMMAND, "sora_command_full": SORA_COMMAND_FULL,
-            "adversarial_flags": {m: f for m, f in SORA_METHODS.items()}, "attack_budget": BUDGET,
+            "adversarial_flags": {**SORA_METHODS, **SWEEP}, "attack_budget": BUDGET,
             "word_attack": {**WORD, "encoder": "all-MiniLM-L6-v2 (plain, for every victim)",
                             "lexicon_path": "../shared/data/lexicon"},
             "attack_examples": args.attack_examples, "test_cap": args.max_test, "validation_cap": args.max_val,
@@ -239,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                         sample = [sample[i] for i in sorted(rng.sample(range(len(sample)), args.attack_examples))]
                     log(f"{name} {regime} {method} seed {seed} ({len(run.split.train)} train, {len(sample)} attacked)")
                     try:
-                        res = (run_sora_method(run, method, threads, encoder, sample) if method in SORA_METHODS
+                        res = (run_sora_method(run, method, threads, encoder, sample) if method not in PEERS
                                else run_peer(run, method, encoder, sample))
                     except acc.Skipped as exc:
                         meta["skipped"][f"{name}/{regime}/{method}"] = str(exc)
