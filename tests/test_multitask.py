@@ -281,3 +281,15 @@ def test_two_processes_draw_the_same_tasks_and_pcgrad_is_refused_there(pretraine
     path.write_text(yaml.safe_dump(recipe))
     refused = run([*launch, "-o", str(tmp_path / "pcgrad")], check=False)
     assert refused.returncode != 0 and "computes gradients itself, which DDP does not" in refused.stderr
+
+
+def test_the_default_schedule_gives_each_task_of_a_mix_about_its_own_steps():
+    """At 64 labels per class one task alone trains 3 epochs within 30-90 steps; six tasks drawn one a step share
+    the steps, so the bounds scale by 6 (180-540) and 3 epochs of their 144 batches (432) fit."""
+    from sora.config import FinetuneConfig
+    from sora.train.finetune import plan_steps
+
+    assert plan_steps(FinetuneConfig(), 144, 64)[0] == 90
+    steps, every, schedule = plan_steps(FinetuneConfig(), 144, 64, shares=6)
+    assert schedule == "some-label" and steps == 432 and steps % every == 0
+    assert plan_steps(FinetuneConfig(), 10, 64, shares=6)[0] == 180
