@@ -15,6 +15,7 @@ batches), and ``epochs_seen`` says how many passes over its own data each task h
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,10 @@ class TaskStream:
     prefix: str
 
     def __post_init__(self) -> None:
-        self._epoch: tuple[int, list[dict[str, torch.Tensor]]] | None = None  # the epoch in hand, materialised
+        # The epoch being read: (epoch, index of the next batch, its batches). Read lazily, since a large task's
+        # epoch of collated batches (SQuAD's windows) does not fit in memory at once; positions only move forward
+        # within a run, and a resumed run skips to its position once.
+        self._reading: tuple[int, int, Iterator[dict[str, torch.Tensor]]] | None = None
 
     def batches_per_epoch(self, batch_size: int) -> int:
         return max(1, math.ceil(len(self.encoded) / batch_size))
@@ -42,10 +46,14 @@ class TaskStream:
     def batch(self, position: int, batch_size: int, pad_id: int, seed: int) -> dict[str, torch.Tensor]:
         """Batch ``position`` of the endless stream: batch ``position mod n`` of this task's epoch ``position // n``."""
         epoch, index = divmod(position, self.batches_per_epoch(batch_size))
-        if self._epoch is None or self._epoch[0] != epoch:
-            self._epoch = (epoch, list(self.kind.batches(self.encoded, self.targets, batch_size, pad_id, seed=seed,
-                                                         epoch=epoch, prefix=self.prefix)))
-        return self._epoch[1][index]
+        if self._reading is None or self._reading[0] != epoch or self._reading[1] > index:
+            self._reading = (epoch, 0, self.kind.batches(self.encoded, self.targets, batch_size, pad_id, seed=seed,
+                                                         epoch=epoch, prefix=self.prefix))
+        _, at, batches = self._reading
+        for _ in range(index - at):
+            next(batches)
+        self._reading = (epoch, index + 1, batches)
+        return next(batches)
 
 
 def steps_per_epoch(batches: list[int], tasks_per_step: int, world_size: int = 1) -> int:
