@@ -105,7 +105,8 @@ def test_sampled_steps_train_the_drawn_task_and_a_killed_run_resumes_exactly(pre
     recipe = two_tasks(pretrained, tmp_path / "full", sampler="proportional", weighting="uncertainty")
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    run([*SORA, "finetune", str(path), "-o", str(tmp_path / "full")])
+    printed = run([*SORA, "finetune", str(path), "-o", str(tmp_path / "full")]).stdout
+    assert "multi-task (proportional sampling, uncertainty weighting): a " in printed, printed
     killed = run([*crash_command(tmp_path, 12, "sora.train.finetune"), "finetune", str(path), "-o",
                   str(tmp_path / "broken")], check=False)
     assert killed.returncode == -9, killed.stderr

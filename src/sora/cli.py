@@ -172,6 +172,11 @@ def finetune(
     summary = run_finetune(load_finetune_recipe(recipe, overrides), resume=resume)
     best = summary.get("validation") or {}
     typer.echo("best validation: " + ", ".join(f"{k} {v:.4f}" for k, v in best.items()))
+    if "multitask" in summary:  # tasks that differ 100x in size see their data a different number of times
+        mt = summary["multitask"]
+        typer.echo(f"multi-task ({mt['sampler']['sampler']} sampling, {mt['weighting']} weighting): "
+                   + ", ".join(f"{t} {e:g} epochs (weight {mt['weights'].get(t, 1.0):.3g})"
+                               for t, e in mt["epochs_seen"].items()))
     typer.echo(f"model: {summary['output']}/model  ({summary['steps']} steps, {summary['elapsed_s']} s)")
 
 
