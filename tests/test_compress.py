@@ -432,3 +432,91 @@ def test_the_gate_measures_the_onnx_pair_path_that_is_served(pair_model):
         for task in ("cross", "siamese"):
             accuracy = np.mean([p[task]["label"] == r["label"] for p, r in zip(predictions, rows, strict=True)])
             assert accuracy == pytest.approx(result["validation_after"][f"{task}/accuracy"]), (method, task)
+
+
+# ---- a seq2seq head: its decoder is kept, compressed with the encoder, and the gate is BLEU ----------------------
+
+PAIRS = [("the red cat sleeps", "die rote Katze schläft"), ("a dog runs fast", "ein Hund rennt schnell"),
+         ("two men play chess", "zwei Männer spielen Schach"), ("the girl sings", "das Mädchen singt"),
+         ("a boy reads a book", "ein Junge liest ein Buch"), ("the sun is hot", "die Sonne ist heiß")]
+
+
+@pytest.fixture(scope="module")
+def seq2seq_model(tmp_path_factory) -> dict[str, Path]:
+    """A tiny encoder with a seq2seq head (token states, vocabulary shared and tied to the encoder's) trained by
+    the kind's loss until it reproduces six pairs, saved with those pairs as its validation split (~4 s)."""
+    from sora.config import ModelConfig, TaskConfig
+    from sora.data.seq2seq import Seq2SeqExample
+    from sora.data.tasks import TaskData
+    from sora.models.autoencoder import SoraModel
+    from sora.models.heads import add_head
+    from sora.tasks import kind_of
+    from sora.text.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("seq2seq")
+    tokenizer = train_tokenizer([a for a, _ in PAIRS] * 3 + [b for _, b in PAIRS] * 3, vocab_size=300,
+                                min_frequency=1)
+    torch.manual_seed(0)
+    model = SoraModel(ModelConfig(vocab_size=tokenizer.vocab_size, dim=32, layers=1, heads=2, ffn_dim=64,
+                                  code_dim=16, decoder_layers=1, dropout=0.0))
+    task = TaskConfig(name="t", type="seq2seq", head_dropout=0.0,
+                      options={"label_smoothing": 0.0, "max_target_length": 16, "beam": 2})
+    kind, examples = kind_of(task), [Seq2SeqExample(a, [b]) for a, b in PAIRS]
+    add_head(model, "t", kind.spec(task, TaskData(task, False, None, examples), False))
+    batch = kind.collate(kind.encode(examples, model.head_specs["t"], tokenizer, 32), tokenizer.pad_id)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(200):
+        loss, _ = kind.loss(model, "t", batch, None)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    data = root / "data"
+    data.mkdir()
+    (data / "validation.jsonl").write_text("".join(json.dumps({"source": a, "target": b}, ensure_ascii=False) + "\n"
+                                                   for a, b in PAIRS), encoding="utf-8")
+    return {"model": save_checkpoint(root / "model", model.eval(), tokenizer), "data": data}
+
+
+@pytest.mark.parametrize("method", ["int8", "bf16", "onnx"])
+def test_a_seq2seq_head_keeps_its_decoder_and_is_gated_on_bleu(seq2seq_model, method, tmp_path, monkeypatch):
+    import warnings
+
+    from torch.ao.nn.quantized import dynamic as qdynamic
+
+    from sora.errors import SoraWarning
+
+    for where in ("core", "runtime"):  # bf16's mechanics on any CPU
+        monkeypatch.setattr(f"sora.compress.{where}.native", lambda dtype, device: True)
+    src, out = seq2seq_model["model"], tmp_path / method
+    result = compress(src, out, method, data=str(seq2seq_model["data"]), latency_repeats=1)
+    # The gate measured the head's own metric on generated texts, and timed generation, not the encoder alone.
+    assert result["validation_before"] == {"bleu": pytest.approx(100.0)}
+    assert result["validation_after"] == {"bleu": pytest.approx(100.0)}
+    assert result["accuracy_drop_points"] == pytest.approx(0.0) and result["latency_of"] == "generate"
+    assert config_of(out)["heads"]["t"]["module"] == "seq2seq"
+    reference = sora.load(src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SoraWarning)  # bf16 on a CPU without it warns that it is slow
+        loaded = sora.load(out)
+        assert loaded.generate([a for a, _ in PAIRS]) == [b for _, b in PAIRS]
+    head, ref_head = loaded.model.heads["t"], reference.model.heads["t"]
+    ref_state = ref_head.state_dict()
+    assert len(ref_head.decoder.layers) == 1 and len(head.decoder.layers) == 1
+    assert head.decoder.word is loaded.model.encoder.embeddings.word  # still tied after compression
+    if method == "int8":  # the decoder's linear layers are int8 like the encoder's (not the tied output matrix)
+        assert isinstance(head.decoder.layers[0].attn.qkv, qdynamic.Linear)
+        assert isinstance(loaded.model.encoder.layers[0].attn.qkv, qdynamic.Linear)
+        assert head.decoder.word.weight.dtype == torch.float32
+    elif method == "bf16":  # the decoder in the encoder's dtype: it could not be otherwise, its embedding is tied
+        assert {p.dtype for p in head.parameters()} == {torch.bfloat16}
+        for k, v in head.state_dict().items():
+            torch.testing.assert_close(v.float(), ref_state[k], atol=0.02, rtol=0.01)
+    else:  # the ONNX graph is the encoder; the head decodes in PyTorch from its token states, weights unchanged
+        assert loaded.onnx is not None and (out / "model.onnx").is_file()
+        for k, v in head.state_dict().items():
+            assert torch.equal(v, ref_state[k])
+    with pytest.raises(SoraError, match="validation bleu of 't' dropped"):  # a gate no model passes refuses
+        compress(src, tmp_path / "refused", method, data=str(seq2seq_model["data"]), max_drop=-1.0,
+                 latency_repeats=1)
+    assert not (tmp_path / "refused").exists()

@@ -14,7 +14,11 @@
    whose config says how to run it (``"compression"``) and what was measured (``"metadata"``).
 
 The decoder (only needed to keep pretraining) is left out of compressed checkpoints unless
-``keep_decoder``; task heads and the tokenizer stay.
+``keep_decoder``; task heads and the tokenizer stay. A seq2seq head is a task head with a decoder of its own, so
+it always stays: it is compressed with the encoder (int8 linear layers, bf16 weights: its ``precision`` is the
+encoder's), and with ``onnx`` / ``onnx-int8`` the exported graph is the encoder (codes and token states) while the
+head decodes in PyTorch from it. The gate is the kind's own metric on what the head predicts (BLEU, chrF or ROUGE
+for a generated text), and latency is then that of generating (``latency_of: generate``, 64 texts), not encoding.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from sora.tasks import kind_of, scalar_metrics
 Embed = Callable[..., torch.Tensor]  # (ids, mask, type_ids=None) -> codes, as SoraModel.embed
 DEFAULT_PRUNE_HEADS = 0.3
 ONNX_TOLERANCE = 1e-3  # fp32 export vs PyTorch, max |Δ| on the validation texts (measured ~1e-6)
+GENERATION_TEXTS = 64  # texts timed for a head that generates (a beam-search pass costs ~100x an encoder pass)
 
 
 @dataclass
@@ -211,6 +216,32 @@ def latency(embeds: dict[str, Embed], encoded: list[dict[str, Any]], pad_id: int
                 "texts_per_s": n / statistics.median(per_pass[k])} for k in names}
 
 
+def generation_latency(systems: dict[str, tuple[SoraModel, Any]], ts: TaskSet, tokenizer, n_texts: int,
+                       batch_size: int = 32, repeats: int = 3) -> dict[str, dict[str, float]]:
+    """As ``latency`` for a head that generates: whole ``predict_scores`` passes (encoder, then decoding with the
+    head's own beam and lengths) over ``n_texts`` seeded validation rows in batches of ``batch_size``; per system
+    (heads model, encoder), interleaved, one warm-up pass each."""
+    from sora.api import predict_scores
+
+    rows = _subsample(ts.encoded, n_texts)
+    names = list(systems)
+
+    def one_pass(name: str) -> float:
+        heads_model, encoder = systems[name]
+        t0 = time.perf_counter()
+        predict_scores(heads_model, tokenizer, ts.name, rows, batch_size, encoder=encoder)
+        return time.perf_counter() - t0
+
+    for name in names:
+        one_pass(name)
+    per_pass: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else reversed(names):
+            per_pass[name].append(one_pass(name))
+    return {k: {"ms_per_text": 1000 * statistics.median(v) / len(rows), "texts_per_s": len(rows) / statistics.median(v)}
+            for k, v in per_pass.items()}
+
+
 # ---- the pipeline -----------------------------------------------------------------------------------------
 
 def _check_output(out: Path, source: Path) -> None:
@@ -315,8 +346,9 @@ def compress(checkpoint: str | Path, out: str | Path, method: str, *, prune_head
                 params.update(per_channel=per_channel, keep_fp32=list(keep_fp32), fp32_nodes=len(excluded))
             encoder = OnnxEncoder(file)
             extra[file.name] = file
+            in_graph = {id(p) for p in compact.encoder.parameters()}  # a tied head embedding is in the graph
             size = file.stat().st_size / 1e6 + sum(p.numel() * p.element_size() for p in compact.heads.parameters()
-                                                   ) / 1e6
+                                                   if id(p) not in in_graph) / 1e6
         elif method == "bf16":
             heads_model = set_dtype(compact, "bfloat16", torch.device("cpu"))  # saved as it runs: bf16 weights
             encoder = heads_model
@@ -333,9 +365,16 @@ def compress(checkpoint: str | Path, out: str | Path, method: str, *, prune_head
         drops = {ts.name: kind_of(ts.spec).points * (primary(before[ts.name], ts.spec)[1]
                                                      - primary(after[ts.name], ts.spec)[1]) for ts in sets}
         drop = max(drops.values())
-        timing_set = _subsample(sets[0].encoded, latency_texts)
-        timed = latency({"before": model.embed, "after": encoder.embed}, timing_set, pad, batch_size,
-                        latency_repeats)
+        if kind_of(sets[0].spec).generates:  # what is served is decoding: time it, not the encoder alone
+            texts_timed = min(latency_texts or GENERATION_TEXTS, GENERATION_TEXTS)
+            timed = generation_latency({"before": (model, model), "after": (heads_model, encoder)}, sets[0],
+                                       tokenizer, texts_timed, batch_size, latency_repeats)
+            result["latency_of"] = "generate"
+        else:
+            timing_set = _subsample(sets[0].encoded, latency_texts)
+            timed = latency({"before": model.embed, "after": encoder.embed}, timing_set, pad, batch_size,
+                            latency_repeats)
+            result["latency_of"] = "encode"
         flat = _flatten(before, sets)
         result.update(
             validation_before=flat, validation_after=_flatten(after, sets), accuracy_drop_points=round(drop, 4),

@@ -4,8 +4,9 @@ Packed int8 weights do not round-trip through safetensors, so a checkpoint keeps
 says ``"compression": {"method": "int8", ...}`` in config.json; ``sora.load`` quantizes at load time
 (``torch.ao.quantization.quantize_dynamic``: deterministic, the same int8 model every time).
 
-Only the encoder's ``nn.Linear`` layers are quantized (task heads and the code projection stay fp32: they
-are tiny, and a head sits right on the decision). By default the weights are quantized per output channel
+Only the encoder's ``nn.Linear`` layers are quantized, and those of a head that follows the encoder's precision
+(a seq2seq head's decoder, run once per generated token); other task heads and the code projection stay fp32: they
+are tiny, and a head sits right on the decision. By default the weights are quantized per output channel
 and the feed-forward output layers (``ffn.down``) stay fp32, the same choice as for ONNX Runtime int8:
 those layers read the GELU outputs, whose heavy tail one per-batch activation scale serves badly.
 """
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sora.compress.runtime import encoder_precision_heads
 from sora.errors import CheckpointError
 from sora.models.autoencoder import SoraModel
 
@@ -27,9 +29,11 @@ DEFAULT_KEEP_FP32 = ("ffn.down",)
 
 
 def int8_targets(model: SoraModel, keep_fp32: Sequence[str] = DEFAULT_KEEP_FP32) -> list[str]:
-    """Names of the encoder Linear layers that get int8 weights."""
+    """Names of the Linear layers that get int8 weights: the encoder's, and those of heads that follow its
+    precision (a seq2seq head's decoder; its output projection is the tied embedding matrix and stays float)."""
+    roots = ("encoder.", *(f"heads.{name}." for name in encoder_precision_heads(model)))
     return [name for name, module in model.named_modules()
-            if name.startswith("encoder.") and isinstance(module, nn.Linear)
+            if name.startswith(roots) and isinstance(module, nn.Linear)
             and not any(name.endswith(k) or f".{k}." in f".{name}." for k in keep_fp32)]
 
 

@@ -2,7 +2,7 @@
 
     {"method": "int8", "backend": "torch", ...}                 quantize_dynamic applied at load (CPU)
     {"method": "onnx-int8", "backend": "onnx", "file": "model.int8.onnx", ...}   codes from ONNX Runtime
-    {"method": "bf16", "backend": "torch", "dtype": "bfloat16"}  the encoder runs in bfloat16
+    {"method": "bf16", "backend": "torch", "dtype": "bfloat16"}  the encoder (and a seq2seq decoder) in bfloat16
 
 ``backend`` (``sora.load(path, backend=...)``): None follows the checkpoint; "torch" runs the stored PyTorch
 weights (int8 still applies: it is a PyTorch model); "onnx" needs an ONNX file in the checkpoint.
@@ -36,8 +36,9 @@ def native(dtype: str, device: torch.device) -> bool:
 
 
 def set_dtype(model: SoraModel, dtype: str, device: torch.device) -> SoraModel:
-    """Run the encoder in ``dtype``. Pooling, the code projection and the heads stay float32: they are small,
-    and the mean over tokens keeps float32's precision."""
+    """Run the encoder in ``dtype``, and the heads that follow its precision (``precision = "encoder"``: a seq2seq
+    head's decoder). Pooling, the code projection and the other heads stay float32: they are small, and the mean
+    over tokens keeps float32's precision."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     if not native(dtype, device):
@@ -45,7 +46,14 @@ def set_dtype(model: SoraModel, dtype: str, device: torch.device) -> SoraModel:
         warnings.warn(f"{dtype} is emulated on this {device.type.upper()} (no {lacks}): expect it to run slower "
                       "than float32", SoraWarning, stacklevel=3)
     model.encoder.to(DTYPES[dtype])
+    for head in encoder_precision_heads(model).values():
+        head.to(DTYPES[dtype])
     return model
+
+
+def encoder_precision_heads(model: SoraModel) -> dict[str, torch.nn.Module]:
+    """The heads compressed as the encoder is (``precision = "encoder"``), by name."""
+    return {name: head for name, head in model.heads.items() if getattr(head, "precision", "float32") == "encoder"}
 
 
 def prepare(model: SoraModel, config: dict[str, Any], path: Path, device: torch.device,

@@ -69,6 +69,11 @@ def input_dim(spec: HeadSpec, model: SoraModel) -> int:
 
 
 class Head(nn.Module):
+    # What compression does to a head (``sora.compress``): "float32" keeps it as it is (a linear layer sitting right
+    # on the decision, tiny beside the encoder); "encoder" gives it the encoder's treatment (bf16 weights, int8
+    # linear layers), for heads as large as the encoder that run once per generated token.
+    precision = "float32"
+
     def __init__(self, spec: HeadSpec, in_dim: int):
         super().__init__()
         self.drop = nn.Dropout(spec.dropout)
@@ -99,7 +104,12 @@ class Seq2SeqHead(nn.Module):
     Initialised from the pretrained decoder, a code-mode head starts as the denoising decoder that rebuilt texts
     from their code; a token-mode head reuses its self-attention, feed-forward and (shape-compatible) cross-attention
     weights. Called as ``head(ids, memory, memory_mask, cache)`` it returns logits (B, T, vocab): a step function
-    for ``sora.models.generate.generate``."""
+    for ``sora.models.generate.generate``.
+
+    Compression treats it as part of the encoder (``precision = "encoder"``): a shared vocabulary ties its embeddings
+    to the encoder's, so the two can only change dtype together, and decoding is where generation spends its time."""
+
+    precision = "encoder"
 
     def __init__(self, spec: HeadSpec, model: SoraModel):
         super().__init__()
@@ -147,12 +157,13 @@ class Seq2SeqHead(nn.Module):
 
     def memory(self, out: EncoderOutput) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What the decoder cross-attends to, and its mask: token states (B, S, dim) under the source mask, or
-        the projected code (B, 1, dim) without one."""
+        the projected code (B, 1, dim) without one; in the head's own dtype (float32, or bfloat16 once compressed)."""
+        dtype = self.decoder.word.weight.dtype
         if self.from_code is not None:
-            return self.from_code(out.code.float()).unsqueeze(1), None
+            return self.from_code(out.code.to(dtype)).unsqueeze(1), None
         if out.states is None:
             raise ValueError("a seq2seq head decoding from token states needs them (an encoder pass with states)")
-        return out.states.float(), out.mask
+        return out.states.to(dtype), out.mask
 
     def forward(self, ids: torch.Tensor, memory: torch.Tensor | None, memory_mask: torch.Tensor | None,
                 cache: DecoderCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
