@@ -294,3 +294,34 @@ def test_the_default_schedule_gives_each_task_of_a_mix_about_its_own_steps():
     steps, every, schedule = plan_steps(FinetuneConfig(), 144, 64, shares=6)
     assert schedule == "some-label" and steps == 432 and steps % every == 0
     assert plan_steps(FinetuneConfig(), 10, 64, shares=6)[0] == 180
+
+
+def test_a_tasks_report_plots_its_own_validation_series_of_a_multi_task_log(tmp_path, monkeypatch):
+    """Six tasks' dozen validation metrics each do not fit one legend: a task's report keeps its own series."""
+    import warnings
+
+    from sora.evaluate import report
+
+    log = tmp_path / "train_log.jsonl"
+    rows = [{"step": s, "loss": 3.0 - s / 10, "weight/a": 1.0, "weight/b": 1.0} for s in range(1, 11)]
+    rows += [{"step": s, **{f"val_{t}_{m}": 0.5 + s / 100 for t in "abcdef" for m in ("accuracy", "macro_f1",
+                                                                                       "mcc", "ece")}}
+             for s in (0, 5, 10)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from matplotlib.axes import Axes
+
+    plotted: list[str] = []
+    real_plot = Axes.plot
+
+    def spy(ax, *args, label=None, **kwargs):
+        if label:
+            plotted.append(label)
+        return real_plot(ax, *args, label=label, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert report.training_curves_plot(log, tmp_path / "curves.png", task="b") is not None
+    val = [p for p in plotted if p.startswith("val_")]
+    assert sorted(val) == ["val_b_accuracy", "val_b_ece", "val_b_macro_f1", "val_b_mcc"]
+    assert {"a", "b"} <= set(plotted)  # the task weights' panel

@@ -138,14 +138,19 @@ def _smooth(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def training_curves_plot(train_log: Path, out: Path) -> Path | None:
+def training_curves_plot(train_log: Path, out: Path, task: str | None = None) -> Path | None:
     """Training loss (raw, faint, and smoothed) and every ``val_*`` series against step.
 
     Loss-like validation series share the loss panel; the rest (accuracy, F1, …) get a second panel,
-    as their scale differs; a multi-task run's task weights (``weight/{task}``) a third. Returns None when the
-    log holds nothing to plot.
+    as their scale differs; a multi-task run's task weights (``weight/{task}``) a third. ``task``: in a multi-task
+    log (keys ``val_{task}_{metric}``), plot that task's validation metrics only (six tasks' dozen metrics each
+    would not fit a legend). Returns None when the log holds nothing to plot.
     """
     records = _read_log(train_log)
+    own = f"val_{task}_" if task else None
+    if own and any(k.startswith(own) for r in records for k in r):
+        records = [{k: v for k, v in r.items() if not k.startswith("val_") or k.startswith(own) or "loss" in k}
+                   for r in records]
     train = [(r["step"], r["loss"]) for r in records if "step" in r and isinstance(r.get("loss"), int | float)]
     val: dict[str, list[tuple[float, float]]] = {}
     weights: dict[str, list[tuple[float, float]]] = {}
@@ -341,7 +346,7 @@ def write_report(
     if metrics.get("robustness"):
         plots["robustness"] = robustness_plot(metrics["robustness"], out_dir / "robustness.png")
     if train_log is not None and Path(train_log).is_file():
-        path = training_curves_plot(Path(train_log), out_dir / "training_curves.png")
+        path = training_curves_plot(Path(train_log), out_dir / "training_curves.png", task)
         if path is not None:
             plots["training_curves"] = path
 
