@@ -90,7 +90,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def log_rows(run_dir: Path) -> list[dict]:
-    return read_jsonl(run_dir / "train_log.jsonl")
+    """The log without its wall-clock figure (``step_s``), which no two runs share."""
+    return [{k: v for k, v in r.items() if k != "step_s"} for r in read_jsonl(run_dir / "train_log.jsonl")]
 
 
 def assert_png(path: Path) -> None:

@@ -47,7 +47,10 @@ def pretrained(tmp_path_factory) -> Path:
 
 
 def read_log(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    """The log without its wall-clock figure (``step_s``), which no two runs share."""
+    rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    assert all(r["step_s"] > 0 for r in rows if "grad_norm" in r)  # each step's own time
+    return [{k: v for k, v in r.items() if k != "step_s"} for r in rows]
 
 
 def run(args: list[str], check: bool = True) -> subprocess.CompletedProcess:

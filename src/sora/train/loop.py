@@ -243,6 +243,8 @@ def fit(
             produced = True
             if i < state.batches_in_epoch:
                 continue  # resuming: these batches were consumed before the checkpoint
+            if micro == 0:
+                step_start = time.perf_counter()
             torch.manual_seed(cfg.seed * 1_000_003 + state.step * 997 + micro * 31 + dist.rank)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             sync = micro + 1 == cfg.grad_accum
@@ -280,8 +282,11 @@ def fit(
             state.step += 1
             micro = 0
             state.elapsed_s = time.perf_counter() - t_start
+            # step_s: this step's own time (forward, backward, optimizer), without making its batches, validations,
+            # checkpoints and hooks between steps, so a throughput read from the log is the training's alone.
             record = {"step": state.step, **{k: all_mean(v, dist) for k, v in losses_acc.items()},
-                      "lr": sched.get_last_lr()[0], "grad_norm": grad_norm}
+                      "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
+                      "step_s": round(time.perf_counter() - step_start, 4)}
             if len(unit.objectives) > 1:
                 record.update({f"weight/{k}": v for k, v in unit.weighting.weights().items()})
             losses_acc = {}
