@@ -11,8 +11,9 @@ and ``init: all-MiniLM-L6-v2``, nothing else); a multi-task configuration gets t
 in total — the sum of the six single models' optimizer steps, as ``finetune.max_steps`` (divided by the tasks it
 draws per step) — and otherwise the recipe's ``multitask`` section only:
 
-- ``default``: the recipe's defaults, one batch of every task each step (sampler ``all``), fixed weights;
-- ``equal_proportional``: sampler proportional (MT-DNN), equal weighting;
+- ``all``: one batch of every task each step (sampler ``all``), fixed weights — the default before this bench;
+- ``equal_proportional``: sampler proportional (MT-DNN), equal weighting — the recipe's defaults now (fixed
+  weights of 1 are equal weighting);
 - ``temperature``: sampler temperature (T = 2), equal weighting;
 - ``uncertainty``: temperature sampling, uncertainty weighting (Kendall et al., learned log-variances);
 - ``pcgrad``: temperature sampling, two tasks a step, PCGrad (Yu et al.) on their gradients.
@@ -78,7 +79,7 @@ TASKS: dict[str, dict[str, Any]] = {
     "semeval": {"dataset": "semeval2010_task8", "type": "relation"},
 }
 CONFIGS: dict[str, dict[str, Any]] = {
-    "default": {},  # what a recipe with several tasks gets: one batch of every task each step, fixed weights
+    "all": {"sampler": "all"},  # one batch of every task each step, fixed weights (the default before this bench)
     "equal_proportional": {"sampler": "proportional", "weighting": "equal"},
     "temperature": {"sampler": "temperature", "weighting": "equal"},
     "uncertainty": {"sampler": "temperature", "weighting": "uncertainty"},
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             for c in configs:
                 key = f"{regime}/{seed}/{c}"
                 out = work / key
-                per_step = len(tasks) if CONFIGS[c].get("sampler", "all") == "all" else CONFIGS[c].get(
+                per_step = len(tasks) if CONFIGS[c].get("sampler", "proportional") == "all" else CONFIGS[c].get(
                     "tasks_per_step", 1)
                 if key not in runs or not (out / "model").is_dir():
                     recipe = {**base, "finetune": {**base["finetune"], "max_steps": max(1, total_steps // per_step)},

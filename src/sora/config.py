@@ -275,10 +275,11 @@ class MultitaskConfig(_Strict):
     """How several tasks train together (more than one entry in ``tasks``): L = Σ_t w_t L_t over the tasks a step
     draws.
 
-    - ``sampler``: which task(s) each step trains (``sora.train.samplers.SAMPLERS``): ``all`` (one batch of every
-      task each step), ``proportional`` (p_t ∝ n_t, MT-DNN), ``temperature`` (p_t ∝ n_t^{1/T}, T = 2),
-      ``round_robin``, ``annealed`` (proportional towards uniform); ``tasks_per_step`` of them per step (not
-      ``all``); ``sampler_options`` e.g. ``{temperature: 3}``.
+    - ``sampler``: which task(s) each step trains (``sora.train.samplers.SAMPLERS``): ``proportional`` (the
+      default: p_t ∝ n_t, MT-DNN; the best mix in bench/multitask.py at 64 labels per class), ``all`` (one batch of
+      every task each step), ``temperature`` (p_t ∝ n_t^{1/T}, T = 2), ``round_robin``, ``annealed``
+      (proportional towards uniform); ``tasks_per_step`` of them per step (not ``all``); ``sampler_options`` e.g.
+      ``{temperature: 3}``.
     - ``weighting``: how the drawn tasks' losses combine (``sora.objectives.weighting.WEIGHTINGS``): ``fixed``
       (each task's ``weight``), ``equal``, ``uncertainty`` (learned log-variances, Kendall et al. 2018), ``pcgrad``
       (gradient surgery, Yu et al. 2020); ``weighting_options`` e.g. ``{lr: 0.02}`` for uncertainty's own rate.
@@ -286,7 +287,7 @@ class MultitaskConfig(_Strict):
       one task's (its name), or a weighted mean (``{task: weight}``).
     """
 
-    sampler: str = "all"
+    sampler: str = "proportional"
     tasks_per_step: int = Field(1, ge=1)
     sampler_options: dict[str, float] = {}
     weighting: str = "fixed"
