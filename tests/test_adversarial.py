@@ -162,7 +162,8 @@ def test_freelb_and_smart_change_the_loss(method):
     batch = batch_for("classification")
     clean = float(objective(model, batch).detach())
     loss = float(wrapped(method, objective)(model, batch).detach())
-    assert abs(loss - clean) > 1e-3, (clean, loss)
+    # SMART's default radius (0.1) moves this tiny model's loss by ~7e-4: far above float32 noise (~1e-7).
+    assert abs(loss - clean) > 1e-4, (clean, loss)
 
 
 def test_validation_sees_the_clean_loss():
@@ -262,7 +263,7 @@ def test_registry_defaults_and_refusals():
     assert set(ADVERSARIAL) == {"fgm", "pgd", "freelb", "smart", "examples"}
     assert all(cls.name == name for name, cls in ADVERSARIAL.items())
     assert FreeLB.defaults == {"steps": 2, "adv_lr": 0.1, "init_mag": 0.6, "epsilon": 0.0}
-    assert SMART.defaults == {"lambda_": 1.0, "noise": 1e-5, "steps": 1, "adv_lr": 1e-3, "epsilon": 1.0}
+    assert SMART.defaults == {"lambda_": 1.0, "noise": 1e-5, "steps": 1, "adv_lr": 1e-3, "epsilon": 0.1}
     _, objective = tiny()
     assert build_adversarial(AdversarialConfig(), objective) is objective
     pgd = wrapped("pgd", objective, steps=5)
