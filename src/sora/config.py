@@ -329,7 +329,8 @@ class AdversarialConfig(_Strict):
     - ``smart`` (Jiang et al. 2020, mt-dnn's defaults but the radius): ``lambda_`` 1.0, ``noise`` 1e-5 (σ of the
       start), ``steps`` 1, ``adv_lr`` 1e-3 (the step size η), ``epsilon`` 0.1 (the radius of the per-token
       ℓ∞-normalised perturbation; mt-dnn's 1 hurt clean and attacked accuracy on MiniLM in bench/robustness.py's
-      sweep); loss = clean + λ · symmetric divergence of clean and perturbed predictions (KL for classes, Bernoulli KL per label, squared error for a value, KL of QA's start and end);
+      sweep); loss = clean + λ · symmetric divergence of clean and perturbed predictions (KL for classes,
+      Bernoulli KL per label, squared error for a value, KL of QA's start and end);
     - ``examples`` (adversarial examples as data, the seed's X_adv): ``attack`` "word" (a name in ``sora.attack
       .ATTACKS``) run by ``sora.attack`` on the model being trained over a seeded sample of ``pool`` 512 training
       examples, remade every ``every`` steps (0: at the start and after each validation); each step adds the
