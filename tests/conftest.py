@@ -93,3 +93,20 @@ def crash_command(tmp: Path, step: int, module: str) -> list[str]:
     script = tmp / "crashing_sora.py"
     script.write_text(CRASH)
     return [sys.executable, str(script), module, str(step)]
+
+
+def cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
+    """``sora ARGS`` in this process (no interpreter start-up): exit code, stdout, stderr."""
+    import sys
+
+    from sora import cli as sora_cli
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["sora", *args])
+    code = 0
+    try:
+        sora_cli.main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -7,12 +7,12 @@ module; every compression runs on it in well under a second.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import cli
 
 import sora
 from sora.compress import compress
@@ -294,18 +294,8 @@ def test_math_attention_export_matches(finetuned, tmp_path):
 
 
 def test_cli(finetuned, tmp_path, capsys, monkeypatch):
-    from sora import cli
-
     def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["sora", "compress", *args])
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        out, err = capsys.readouterr()
-        return code, out, err
+        return cli(["compress", *args], capsys, monkeypatch)
 
     code, out, err = run(str(tmp_path / "missing"), "-o", str(tmp_path / "o"), "--method", "int8")
     lines = err.strip().splitlines()

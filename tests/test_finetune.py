@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE, crash_command, slice_jsonl, write_jsonl
+from conftest import SAMPLE, cli, crash_command, slice_jsonl, write_jsonl
 from safetensors.torch import load_file
 
 import sora
@@ -53,21 +53,6 @@ def run(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
-
-
-def cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    """``sora ARGS`` in this process (no interpreter start-up): exit code, stdout, stderr."""
-    from sora import cli as sora_cli
-
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["sora", *args])
-    code = 0
-    try:
-        sora_cli.main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_line_error(code: int, err: str, *fragments: str) -> str:

@@ -7,11 +7,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import sys
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import cli, write_jsonl
 from torch import nn
 
 import sora
@@ -398,17 +397,7 @@ def test_model_generate_with_its_overrides_and_errors(trained, tokenizer, tmp_pa
 
 
 def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from sora import cli
-
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["sora", "generate", *args])
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return cli(["generate", *args], capsys, monkeypatch)
 
 
 def test_cli_generate_writes_source_and_output_rows_in_order(trained, tokenizer, tmp_path, monkeypatch, capsys):

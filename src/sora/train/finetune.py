@@ -372,8 +372,10 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
             enc = kind.encode(data.train, model.head_specs[name], tokenizer, d.max_length)
             streams[name] = TaskStream(kind, enc, kind.training_targets(data.train, enc, data.labels),
                                        f"{name}/" if multi else "")
-        sampler_name = mt.sampler if multi else "all"
-        per_step = len(tasks) if sampler_name == "all" else mt.tasks_per_step
+        sizes = {n: len(s.encoded) for n, s in streams.items()}
+        sampler_name, sampler_k = (mt.sampler, mt.tasks_per_step) if multi else ("all", 1)
+        # The sampler says how many tasks a step draws (``all``: every one); its length is planned from that.
+        per_step = build_sampler(sampler_name, sizes, fcfg.seed, 1, sampler_k, **mt.sampler_options).tasks_per_step
         per_epoch = steps_per_epoch([s.batches_per_epoch(d.batch_size) for s in streams.values()], per_step,
                                     dist.world_size)
         largest = max((data for _, data in tasks), key=lambda t: len(t.train))
@@ -383,8 +385,7 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
             print(f"fine-tuning: {schedule} schedule ({len(largest.train):,} labelled examples), {max_steps} steps, "
                   f"validating every {eval_every}", flush=True)
         # The sampler counts micro-batches (of this process): grad_accum of them make one optimizer step.
-        sampler = build_sampler(sampler_name, {n: len(s.encoded) for n, s in streams.items()}, fcfg.seed,
-                                max_steps * recipe.train.grad_accum, mt.tasks_per_step if multi else 1,
+        sampler = build_sampler(sampler_name, sizes, fcfg.seed, max_steps * recipe.train.grad_accum, sampler_k,
                                 **mt.sampler_options)
         mixer = TaskMixer(streams, sampler, d.batch_size, tokenizer.pad_id, fcfg.seed, dist.world_size, dist.rank)
         if dist.is_main and multi:

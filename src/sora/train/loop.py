@@ -182,7 +182,8 @@ def fit(
     if unit.weighting.manual_backward and dist.enabled:
         raise SoraError(f"loss weighting {unit.weighting.name!r} computes gradients itself, which DDP does not "
                         "synchronise: run it in one process, or choose fixed, equal or uncertainty")
-    stateful = {**stateful, "weighting": unit.weighting}  # learned task weights (and their absence: checked)
+    if unit.weighting.state_dict():  # learned task weights (uncertainty) are resumed as they were
+        stateful = {**stateful, "weighting": unit.weighting}
     named = list(unit.named_parameters())
     opt = _optimizer(unit.parameters(), cfg, lr_scale, named, unit.weighting.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
