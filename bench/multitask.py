@@ -84,6 +84,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "temperature": {"sampler": "temperature", "weighting": "equal"},
     "uncertainty": {"sampler": "temperature", "weighting": "uncertainty"},
     "pcgrad": {"sampler": "temperature", "weighting": "pcgrad", "tasks_per_step": 2},
+    # Uncertainty weighting on the default sampler: temperature sampling starves the relation task of steps.
+    "uncertainty_proportional": {"sampler": "proportional", "weighting": "uncertainty"},
 }
 REGIMES = ("64", "full")
 TEMPLATE = "sora finetune {recipe} -o {out}"
@@ -250,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     init = str(minilm_path())
     result["meta"] = {
         "command": command_line(), "sora_command": TEMPLATE, "tasks": {t: TASKS[t]["dataset"] for t in tasks},
-        "configs": {c: CONFIGS[c] for c in configs}, "init": "all-MiniLM-L6-v2",
+        "configs": {**result.get("meta", {}).get("configs", {}), **{c: CONFIGS[c] for c in configs}},
+        "init": "all-MiniLM-L6-v2",
         "budget": "single: Sora's default schedule per task; multi-task: the sum of the single models' steps "
                   "(÷ tasks per step), as finetune.max_steps",
         "max_val": args.max_val, "max_test": args.max_test, "max_train_full": args.max_train,
@@ -264,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     for regime in args.regimes.split(","):
         seeds = range(args.seeds if regime == "64" else 1)
         for seed in seeds:
+            # The serving comparison loads the models, so only its runs must still be on disk to be kept (a
+            # resumed bench keeps the serving figures it has).
+            serves = regime == args.regimes.split(",")[0] and seed == 0 and not (args.resume and "serving" in result)
             data = prepare(tasks, work, regime, seed, args)
             base = {"finetune": {"init": init, "seed": seed}, "train": {"progress": False}}
             single_dirs: dict[str, Path] = {}
@@ -272,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             for t in tasks:
                 key = f"{regime}/{seed}/single/{t}"
                 out = work / key
-                if key not in runs or not (out / "model").is_dir():
+                if key not in runs or (serves and not (out / "model").is_dir()):
                     recipe = {**base, "tasks": [task_entry(t, data[t], regime, args.per_class)]}
                     if args.single_steps:
                         recipe["finetune"] = {**recipe["finetune"], "max_steps": args.single_steps}
@@ -291,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                 out = work / key
                 per_step = len(tasks) if CONFIGS[c].get("sampler", "proportional") == "all" else CONFIGS[c].get(
                     "tasks_per_step", 1)
-                if key not in runs or not (out / "model").is_dir():
+                if key not in runs or (serves and c == configs[0] and not (out / "model").is_dir()):
                     recipe = {**base, "finetune": {**base["finetune"], "max_steps": max(1, total_steps // per_step)},
                               "tasks": [task_entry(t, data[t], regime, args.per_class) for t in tasks],
                               **({"multitask": CONFIGS[c]} if CONFIGS[c] else {})}
@@ -309,20 +315,23 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 cells[c] = {"tasks": runs[key]["points"], "seconds": runs[key]["seconds"],
                             "steps": runs[key]["steps"]}
-                if regime == args.regimes.split(",")[0] and seed == 0 and c == configs[0]:
+                if serves and c == configs[0]:
                     result["serving"] = serving(single_dirs, out / "model", tasks, data, args.repeats, args.device)
                     save()
-            result.setdefault("_cells", {}).setdefault(regime, {})[str(seed)] = cells
+            # Merged with what earlier invocations measured at this seed (e.g. configs run on one seed only).
+            result.setdefault("_cells", {}).setdefault(regime, {}).setdefault(str(seed), {}).update(cells)
             save()
-        # The regime's table: means over seeds, Δm% against the single models' means.
+        # The regime's table: means over seeds; Δm% against the single models' means over the same seeds.
         per_seed = result["_cells"][regime]
+        names = ["single", *dict.fromkeys(c for s in per_seed.values() for c in s if c != "single")]
         table: dict[str, Any] = {}
-        for c in ["single", *configs]:
-            cells = [per_seed[s][c] for s in sorted(per_seed) if c in per_seed[s]]
-            if cells:
-                table[c] = mean_over_seeds(cells)
-        for c, cell in table.items():
-            cell.update(summarise(cell["tasks"], None if c == "single" else table["single"]["tasks"]))
+        for c in names:
+            have = [s for s in sorted(per_seed) if c in per_seed[s]]
+            if not have:
+                continue
+            table[c] = mean_over_seeds([per_seed[s][c] for s in have])
+            single = None if c == "single" else mean_over_seeds([per_seed[s]["single"] for s in have])["tasks"]
+            table[c].update(summarise(table[c]["tasks"], single))
         result[regime] = table
         save()
     log(f"wrote {out_path.relative_to(REPO) if out_path.is_relative_to(REPO) else out_path}")

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from sora.compress.runtime import encoder_precision_heads
 from sora.errors import CheckpointError
 from sora.models.autoencoder import SoraModel
 
@@ -31,7 +30,7 @@ DEFAULT_KEEP_FP32 = ("ffn.down",)
 def int8_targets(model: SoraModel, keep_fp32: Sequence[str] = DEFAULT_KEEP_FP32) -> list[str]:
     """Names of the Linear layers that get int8 weights: the encoder's, and those of heads that follow its
     precision (a seq2seq head's decoder; its output projection is the tied embedding matrix and stays float)."""
-    roots = ("encoder.", *(f"heads.{name}." for name in encoder_precision_heads(model)))
+    roots = ("encoder.", *(f"heads.{name}." for name in model.encoder_precision_heads()))
     return [name for name, module in model.named_modules()
             if name.startswith(roots) and isinstance(module, nn.Linear)
             and not any(name.endswith(k) or f".{k}." in f".{name}." for k in keep_fp32)]

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from sora.compress.quantize import apply_int8
 from sora.errors import CheckpointError, ConfigError, SoraWarning
 from sora.models.autoencoder import SoraModel
 
@@ -46,14 +47,9 @@ def set_dtype(model: SoraModel, dtype: str, device: torch.device) -> SoraModel:
         warnings.warn(f"{dtype} is emulated on this {device.type.upper()} (no {lacks}): expect it to run slower "
                       "than float32", SoraWarning, stacklevel=3)
     model.encoder.to(DTYPES[dtype])
-    for head in encoder_precision_heads(model).values():
+    for head in model.encoder_precision_heads().values():
         head.to(DTYPES[dtype])
     return model
-
-
-def encoder_precision_heads(model: SoraModel) -> dict[str, torch.nn.Module]:
-    """The heads compressed as the encoder is (``precision = "encoder"``), by name."""
-    return {name: head for name, head in model.heads.items() if getattr(head, "precision", "float32") == "encoder"}
 
 
 def prepare(model: SoraModel, config: dict[str, Any], path: Path, device: torch.device,
@@ -68,8 +64,6 @@ def prepare(model: SoraModel, config: dict[str, Any], path: Path, device: torch.
         raise ConfigError(f"dtype {dtype}: applies to the PyTorch float model, not to "
                           f"{'ONNX Runtime' if chosen == 'onnx' else 'an int8 model'}")
     if settings.get("method") == "int8":
-        from sora.compress.quantize import apply_int8
-
         model = apply_int8(model, settings, device)
     if dtype != "float32":  # weights always load into float32 parameters (a bf16 checkpoint's too)
         model = set_dtype(model, dtype, device)

@@ -57,6 +57,10 @@ class SoraModel(nn.Module):
     def code_dim(self) -> int:
         return self.cfg.code_dim or self.cfg.dim
 
+    def encoder_precision_heads(self) -> dict[str, nn.Module]:
+        """The heads compressed as the encoder is (``precision = "encoder"``: a seq2seq head's decoder), by name."""
+        return {name: head for name, head in self.heads.items() if getattr(head, "precision", "float32") == "encoder"}
+
     def encode(self, ids: torch.Tensor, mask: torch.Tensor, type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Token states (B, T, dim)."""
         return self.encoder(ids, mask, type_ids)
