@@ -21,7 +21,7 @@ from sora.errors import ConfigError, DataError
 from sora.metrics.generation import generation_metrics, rouge
 from sora.models.autoencoder import SoraModel
 from sora.models.checkpoint import load_checkpoint, save_checkpoint
-from sora.models.generate import _beam_search, banned_ngram_tokens, generate, top_by_index
+from sora.models.generate import _beam_search, banned_ngram_tokens, generate, greedy_stream, top_by_index
 from sora.models.heads import HeadSpec, add_head
 from sora.models.transformer import Decoder, DecoderCache
 from sora.tasks import kind_of
@@ -127,6 +127,21 @@ def test_greedy_is_the_plain_argmax_loop_and_beam_one():
     assert len({len(g) for g in got}) > 1  # sources end at different steps (rows leave the batch)
     assert _beam_search(step, memory, mask, BOS, DecoderCache(), 1, 12, 1.0,
                         dict(eos=EOS, never=[PAD, BOS], min_length=0, no_repeat_ngram=0)) == got
+
+
+def test_greedy_stream_yields_each_steps_tokens_and_adds_up_to_greedy():
+    step, (memory, mask) = TinyLM(eos_bias=12.0), _memory()
+    settings = dict(max_length=12, no_repeat_ngram=2)
+    steps = list(greedy_stream(step, memory, mask, BOS, EOS, PAD, **settings))
+    joined: list[list[int]] = [[] for _ in range(len(memory))]
+    for added in steps:
+        assert added and len({source for source, _ in added}) == len(added)  # one token per source a step
+        for source, token in added:
+            joined[source].append(token)
+    assert joined == generate(step, memory, mask, BOS, EOS, PAD, **settings)
+    assert len(steps) == max(len(j) for j in joined) > 1  # it streams: one yield per decoding step
+    assert len(steps[-1]) < len(memory)  # sources that ended are no longer in the steps
+    assert list(greedy_stream(step, memory[:0], None, BOS, EOS, PAD, max_length=3)) == []
 
 
 @pytest.mark.parametrize("beam", [1, 3])
@@ -394,6 +409,24 @@ def test_model_generate_with_its_overrides_and_errors(trained, tokenizer, tmp_pa
     headless = save_checkpoint(tmp_path / "headless", _model(tokenizer), tokenizer)
     with pytest.raises(sora.SoraError, match="--task-type seq2seq"):
         sora.load(headless).generate(sources)
+
+
+def test_model_stream_adds_up_to_greedy_generate_piece_by_piece(trained, tokenizer, tmp_path):
+    model, _, _ = trained
+    loaded = sora.load(save_checkpoint(tmp_path / "model", model, tokenizer))
+    sources = [a for a, _ in PAIRS][::-1]
+    for settings in ({}, {"max_length": 2}):
+        pieces = list(loaded.stream(sources, batch_size=4, **settings))
+        joined = [""] * len(sources)
+        for index, piece in pieces:
+            assert piece
+            joined[index] += piece
+        assert joined == loaded.generate(sources, beam=1, batch_size=4, **settings)
+    assert len(pieces) > len(sources)  # more than one piece a text: the text comes as it is decoded
+    with pytest.raises(TypeError, match="list of texts"):
+        loaded.stream(sources[0])
+    with pytest.raises(sora.SoraError, match="no text-generating task 'other'"):
+        loaded.stream(sources, task="other")
 
 
 def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:

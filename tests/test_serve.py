@@ -417,6 +417,45 @@ def test_generate_matches_in_process_with_the_servers_limits_as_defaults(servers
     assert r.status_code == 200 and [o["text"] for o in r.json()["outputs"]] == ["", outputs[1], ""], r.text
 
 
+def _events(lines) -> list[tuple[str, dict]]:
+    """(event name, JSON data) of a server-sent event stream ("message" when unnamed)."""
+    out, event = [], "message"
+    for line in lines:
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            out.append((event, json.loads(line[5:])))
+        elif not line:
+            event = "message"
+    return out
+
+
+def test_generate_streams_server_sent_events_that_add_up_to_greedy(servers, local_gen):
+    url = servers["gen"].url
+    texts = [SOURCES[0], " ", SOURCES[1]]
+    with httpx.stream("POST", url + "/v1/generate", json={"texts": texts, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = _events(r.iter_lines())
+    greedy = local_gen.generate(SOURCES[:2], beam=1, max_length=12)  # stream decodes greedily, to --max-new-tokens
+    joined = ["", "", ""]
+    for event, data in events[:-1]:
+        assert event == "message" and data["text"]
+        joined[data["index"]] += data["text"]
+    assert joined == [greedy[0], "", greedy[1]]
+    assert len(events) - 1 > 2  # the outputs came in pieces
+    event, done = events[-1]
+    assert event == "done" and [o["text"] for o in done["outputs"]] == joined
+    assert (done["beam"], done["max_new_tokens"], done["task"]) == (1, 12, "translate")
+    with SoraClient(url) as client:
+        pieces = list(client.stream(SOURCES * 2, max_new_tokens=5))  # 2 requests of max_texts 4
+    short = local_gen.generate(SOURCES * 2, beam=1, max_length=5)
+    assert ["".join(p for i, p in pieces if i == k) for k in range(8)] == short
+    r = post(url, "/v1/generate", {"texts": ["a"], "stream": True, "beam": 3})
+    assert r.status_code == 422 and "beam must be 1" in r.json()["detail"], r.text
+    with SoraClient(url) as client, pytest.raises(SoraClientError, match="413"):
+        list(client._events("/v1/generate", {"texts": ["a"] * 5, "stream": True}))
+
+
 @pytest.mark.parametrize(("body", "status", "message"), [
     ({"texts": ["a"] * 5}, 413, "max_texts 4"),
     ({"texts": ["ok", "x" * 101]}, 413, "text 1 is too long"),

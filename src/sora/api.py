@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,8 +150,25 @@ class Sora:
         (``sora finetune --task-type seq2seq``). ``beam``: beam size (1: greedy; default the head's, 4 unless its
         recipe says otherwise); ``max_length``: the most tokens generated per text (default the head's
         ``max_target_length``, 128). Deterministic: the same texts give the same outputs, alone or batched."""
+        name, kind, enc = self._sources(texts, task, "generate")
+        return kind.generate(self.model, self.tokenizer, name, enc, batch_size, self.encoder, beam=beam,
+                             max_length=max_length)
+
+    def stream(self, texts: Sequence[str], max_length: int | None = None, task: str | None = None,
+               batch_size: int = 64) -> Iterator[tuple[int, str]]:
+        """Greedy generation, as it happens: (index of the text, text added) pairs, in the order they are decoded.
+        A text's pieces joined are its ``generate(texts, beam=1)`` output::
+
+            for i, piece in model.stream(["a man rides a bike"]):
+                print(piece, end="", flush=True)
+        """
+        name, kind, enc = self._sources(texts, task, "stream")
+        return kind.stream(self.model, self.tokenizer, name, enc, batch_size, self.encoder, max_length=max_length)
+
+    def _sources(self, texts: Sequence[str], task: str | None, caller: str) -> tuple[str, Any, list[dict[str, Any]]]:
+        """(the generating head, its kind, the texts encoded for it), or a clear error for input it cannot take."""
         if isinstance(texts, str):
-            raise TypeError("generate() takes a list of texts, not one string")
+            raise TypeError(f"{caller}() takes a list of texts, not one string")
         name = self.generation_task(task)
         spec = self.model.head_specs[name]
         kind = kind_of(spec)
@@ -160,9 +177,7 @@ class Sora:
             what = texts[bad]
             raise SoraError(f"text {bad} is {'null' if what is None else type(what).__name__}, not a string")
         examples = kind.examples_from(list(texts), spec)
-        enc = kind.encode(examples, spec, self.tokenizer, self.max_length)
-        return kind.generate(self.model, self.tokenizer, name, enc, batch_size, self.encoder, beam=beam,
-                             max_length=max_length)
+        return name, kind, kind.encode(examples, spec, self.tokenizer, self.max_length)
 
     @torch.inference_mode()
     def head_predictions(self, name: str, code: torch.Tensor) -> list[dict[str, Any]]:

@@ -7,8 +7,9 @@ Large inputs are split into requests of at most the server's ``max_texts`` (read
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -152,6 +153,47 @@ class SoraClient:
                     body[key] = value
             out.extend(o["text"] for o in self._request("POST", "/v1/generate", body).json()["outputs"])
         return out
+
+    def stream(self, texts: Sequence[str], task: str | None = None,
+               max_new_tokens: int | None = None) -> Iterator[tuple[int, str]]:
+        """Greedy generation as the server decodes it (``POST /v1/generate`` with ``stream``): (index of the
+        text, text added) pairs, as ``Sora.stream``. A failure before or during the stream raises
+        ``SoraClientError``."""
+        if isinstance(texts, str):
+            raise TypeError("stream() takes a list of texts, not one string")
+        items = list(texts)
+        n = self._chunk()
+        for first in range(0, len(items), n):
+            body: dict[str, Any] = {"texts": items[first : first + n], "stream": True}
+            for key, value in (("task", task), ("max_new_tokens", max_new_tokens)):
+                if value is not None:
+                    body[key] = value
+            for event, data in self._events("/v1/generate", body):
+                if event == "error":
+                    raise SoraClientError(f"POST {self.url}/v1/generate: {data.get('detail')}")
+                if event == "message":
+                    yield first + data["index"], data["text"]
+
+    def _events(self, path: str, body: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(event name, its JSON data) of a server-sent event stream ("message" when unnamed)."""
+        try:
+            with self._http.stream("POST", path, json=body) as response:
+                if response.status_code != 200:
+                    response.read()
+                    raise SoraClientError(f"POST {self.url}{path}: {response.status_code} {_detail(response)}",
+                                          response.status_code)
+                event = "message"
+                for line in response.iter_lines():
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:"):
+                        yield event, json.loads(line[5:])
+                    elif not line:
+                        event = "message"
+        except httpx.TimeoutException:
+            raise SoraClientError(f"POST {self.url}{path}: no answer within the timeout") from None
+        except httpx.HTTPError as exc:
+            raise SoraClientError(f"cannot reach {self.url}: {exc}") from None
 
 
 def _retry_after(response: httpx.Response, default: float) -> float:

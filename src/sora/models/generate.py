@@ -16,7 +16,7 @@ ranked by index (lower beam, then lower token id), so results are reproducible a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -91,8 +91,33 @@ def generate(step: StepFn, memory: torch.Tensor, memory_mask: torch.Tensor | Non
 
 def _greedy(step: StepFn, memory: torch.Tensor, memory_mask: torch.Tensor | None, bos: int,
             cache: DecoderCache | None, max_length: int, common: dict) -> list[list[int]]:
-    eos = common["eos"]
     out: list[list[int]] = [[] for _ in range(memory.shape[0])]
+    for added in _greedy_steps(step, memory, memory_mask, bos, cache, max_length, common):
+        for source, token in added:
+            out[source].append(token)
+    return out
+
+
+@torch.inference_mode()
+def greedy_stream(step: StepFn, memory: torch.Tensor, memory_mask: torch.Tensor | None, bos: int, eos: int,
+                  pad: int, *, max_length: int, min_length: int = 0, no_repeat_ngram: int = 0,
+                  use_cache: bool = True) -> Iterator[list[tuple[int, int]]]:
+    """Greedy decoding one step at a time, for streaming: each step yields the (source, token) pairs it added
+    (sources that ended are not in it). A source's tokens in order are its ``generate(beam=1)`` output."""
+    if max_length < 1:
+        raise ValueError(f"max_length {max_length} must be at least 1")
+    if memory.shape[0] == 0:
+        return
+    never = sorted({bos, pad} - {eos})
+    common = dict(eos=eos, never=never, min_length=min_length, no_repeat_ngram=no_repeat_ngram)
+    yield from _greedy_steps(step, memory, memory_mask, bos, DecoderCache() if use_cache else None, max_length,
+                             common)
+
+
+def _greedy_steps(step: StepFn, memory: torch.Tensor, memory_mask: torch.Tensor | None, bos: int,
+                  cache: DecoderCache | None, max_length: int, common: dict) -> Iterator[list[tuple[int, int]]]:
+    eos = common["eos"]
+    out: list[list[int]] = [[] for _ in range(memory.shape[0])]  # what each source has so far (no-repeat n-grams)
     rows = list(range(memory.shape[0]))  # the sources still decoding, in batch order
     prefix = torch.full((len(rows), 1), bos, dtype=torch.long, device=memory.device)
     for _ in range(max_length):
@@ -102,6 +127,8 @@ def _greedy(step: StepFn, memory: torch.Tensor, memory_mask: torch.Tensor | None
         going = [i for i, t in enumerate(tokens) if t != eos]
         for i in going:
             out[rows[i]].append(tokens[i])
+        if going:
+            yield [(rows[i], tokens[i]) for i in going]
         if not going:
             break
         if len(going) < len(rows):
@@ -112,7 +139,6 @@ def _greedy(step: StepFn, memory: torch.Tensor, memory_mask: torch.Tensor | None
             if cache is not None:
                 cache.reorder(index)
         prefix = torch.cat([prefix, best[:, None]], dim=1)
-    return out
 
 
 class _Finished:

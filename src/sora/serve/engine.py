@@ -7,12 +7,17 @@ Batch keys:
 - ``("pair", task)``: (a, b) pairs for one pair head, through ``Sora.predict(pairs, task=...)``.
 - ``("generate", task, beam, max_new_tokens)``: source texts for one seq2seq head decoded the same way, through
   ``Sora.generate`` (requests asking for the same decoding share the encoder pass and the beam search).
+- ``("stream", task, max_new_tokens, Stream)``: one streamed request's texts, decoded greedily through
+  ``Sora.stream``; each piece goes to the request's ``Stream`` as it is decoded (its own batch: the key is unique).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import threading
 from collections.abc import Hashable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +45,29 @@ def load_sora(checkpoint: str, backend: str = "auto", device: str = "cpu", dtype
 
 def generate_key(task: str, beam: int, max_new_tokens: int) -> tuple[str, str, int, int]:
     return ("generate", task, beam, max_new_tokens)
+
+
+class Stream:
+    """Where a streamed request's pieces go from the inference thread: ``emit(index, piece)`` hands them to the
+    event loop; ``cancel()`` (the client left) makes the decoding stop at its next token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.pieces = loop, asyncio.Queue()
+        self._cancelled = threading.Event()
+
+    def emit(self, index: int, piece: str) -> None:
+        self.loop.call_soon_threadsafe(self.pieces.put_nowait, (index, piece))
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+def stream_key(task: str, max_new_tokens: int, stream: Stream) -> tuple[str, str, int, Stream]:
+    return ("stream", task, max_new_tokens, stream)
 
 
 def _finite_metrics(values: Any) -> dict[str, float] | None:
@@ -142,6 +170,8 @@ class Engine:
             return self._run_pairs(key[1], jobs)
         if isinstance(key, tuple) and key[0] == "generate":
             return self._run_generate(key[1], key[2], key[3], jobs)
+        if isinstance(key, tuple) and key[0] == "stream":
+            return self._run_stream(key[1], key[2], key[3], jobs)
         raise ValueError(f"unknown batch key {key!r}")
 
     def _run_texts(self, jobs: list[Job]) -> list[Any]:
@@ -191,3 +221,15 @@ class Engine:
             out.append(outputs[start : start + job.size])
             start += job.size
         return out
+
+    def _run_stream(self, task: str, max_new_tokens: int, stream: Stream, jobs: list[Job]) -> list[Any]:
+        texts = [t for j in jobs for t in j.items]
+        outputs = [""] * len(texts)
+        with closing(self.sora.stream(texts, max_length=max_new_tokens, task=task,
+                                      batch_size=self._batch_size(jobs))) as pieces:
+            for index, piece in pieces:
+                if stream.cancelled:
+                    break
+                outputs[index] += piece
+                stream.emit(index, piece)
+        return [outputs]

@@ -118,6 +118,10 @@ class GenerateRequest(_Request):
         None, description="beam size, 1 = greedy (default: the head's; at most the server's max_beam)")
     max_new_tokens: Annotated[int, Field(ge=1)] | SkipJsonSchema[None] = Field(
         None, description="the most tokens generated per text (default and maximum: the server's max_new_tokens)")
+    stream: StrictBool = Field(
+        False, description="send the text as it is decoded (greedy: beam must be 1), as server-sent events: "
+                           "`data: {\"index\": i, \"text\": piece}` per piece, then `event: done` with the "
+                           "whole response (the GenerateResponse body), or `event: error` with its detail")
 
     @field_validator("task", "beam", "max_new_tokens", mode="before")
     @classmethod
@@ -135,6 +139,13 @@ class GenerateRequest(_Request):
 
 class Generation(BaseModel):
     text: str = Field(description="the generated output")
+
+
+class StreamPiece(BaseModel):
+    """One server-sent event of a streamed ``POST /v1/generate``: text added to output ``index``."""
+
+    index: int = Field(description="the input text's position in the request")
+    text: str = Field(description="the text added (the pieces of an output joined are its text)")
 
 
 class GenerateResponse(BaseModel):

@@ -21,6 +21,7 @@ pretrained decoder's, else 2 layers of the encoder's heads and width), ``target_
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -35,7 +36,7 @@ from sora.data.seq2seq import Seq2SeqExample, encode_seq2seq, parse_seq2seq, rea
 from sora.data.tasks import TaskData
 from sora.errors import ConfigError, DataError
 from sora.models.autoencoder import SoraModel
-from sora.models.generate import generate
+from sora.models.generate import generate, greedy_stream
 from sora.models.heads import HeadSpec, encoder_output
 from sora.tasks.base import TaskKind
 from sora.text.tokenizer import SoraTokenizer, train_tokenizer
@@ -69,6 +70,16 @@ class Seq2SeqOptions(BaseModel):
 @lru_cache(maxsize=8)
 def _own_tokenizer(json_text: str) -> SoraTokenizer:
     return SoraTokenizer(Tokenizer.from_str(json_text))
+
+
+def _added(target: SoraTokenizer, tokens: list[int], sent: list[str], row: int, final: bool = False) -> str:
+    """The text ``tokens`` add to ``sent[row]`` (which becomes their text); nothing while the text ends in a
+    partial character (unless ``final``) or does not extend what was sent."""
+    text = target.decode(tokens).strip()
+    if (not final and text.endswith("\ufffd")) or not text.startswith(sent[row]):
+        return ""
+    piece, sent[row] = text[len(sent[row]):], text
+    return piece
 
 
 class Seq2Seq(TaskKind):
@@ -182,23 +193,23 @@ class Seq2Seq(TaskKind):
         """The generated text of each encoded row, in order (beam search with the head's options)."""
         return self.generate(model, tokenizer, name, encoded, batch_size, encoder)
 
-    @torch.inference_mode()
-    def generate(self, model: SoraModel, tokenizer: SoraTokenizer, name: str, encoded: list[dict[str, Any]],
-                 batch_size: int = 64, encoder: Any = None, *, beam: int | None = None,
-                 max_length: int | None = None) -> list[str]:
-        """``predict`` with the head's ``beam`` and ``max_target_length`` (tokens generated, end of sequence
-        excluded) replaced where given (``Sora.generate``, ``sora generate``, ``POST /v1/generate``). Its own loop
-        rather than ``batched``: outputs are token lists of any length decoded by the target tokenizer, not
-        score arrays. Longest sources first, as there, so batches carry little padding."""
-        spec, head = model.head_specs[name], model.heads[name]
-        opt, target = self.options(spec), self.target_tokenizer(spec, tokenizer)
+    def _decoding(self, model: SoraModel, tokenizer: SoraTokenizer, name: str, beam: int | None,
+                  max_length: int | None) -> tuple[Seq2SeqOptions, SoraTokenizer, int, int]:
+        """(the head's options, its target tokenizer, beam, tokens generated at most, end of sequence excluded)."""
+        opt, target = self.options(model.head_specs[name]), self.target_tokenizer(model.head_specs[name], tokenizer)
         beam = opt.beam if beam is None else beam
         longest = opt.max_target_length if max_length is None else max_length
         if beam < 1 or longest < 1:
             raise ConfigError(f"generate: beam ({beam}) and max_length ({longest}) must be at least 1")
-        longest = min(longest, (opt.positions or longest + 1) - 1)  # bos + the output fit the decoder's positions
+        return opt, target, beam, min(longest, (opt.positions or longest + 1) - 1)  # bos + output fit the positions
+
+    @torch.inference_mode()  # torch enters and leaves it around each step of a generator
+    def _batches(self, model: SoraModel, tokenizer: SoraTokenizer, name: str, encoded: list[dict[str, Any]],
+                 batch_size: int, encoder: Any) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
+        """(rows, decoder memory, its mask) per batch of sources, longest first so batches carry little padding;
+        the model in eval mode meanwhile."""
+        head, opt = model.heads[name], self.options(model.head_specs[name])
         encoder = model if encoder is None else encoder
-        texts = [""] * len(encoded)
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
@@ -208,15 +219,51 @@ class Seq2Seq(TaskKind):
                 idx = order[start : start + batch_size]
                 rows = self.collate([encoded[i] for i in idx], tokenizer.pad_id)
                 batch = {k: v.to(device) for k, v in rows.items()}
-                memory, memory_mask = head.memory(encoder_output(encoder, batch, opt.decoder == "tokens"))
-                ids = generate(head, memory, memory_mask, target.cls_id, target.sep_id, target.pad_id,
-                               beam=beam, max_length=longest + 1, min_length=min(opt.min_target_length, longest),
-                               length_penalty=opt.length_penalty, no_repeat_ngram=opt.no_repeat_ngram)
-                for i, seq in zip(idx, ids, strict=True):
-                    texts[i] = target.decode(seq).strip()
+                yield (idx, *head.memory(encoder_output(encoder, batch, opt.decoder == "tokens")))
         finally:
             model.train(was_training)
+
+    @torch.inference_mode()
+    def generate(self, model: SoraModel, tokenizer: SoraTokenizer, name: str, encoded: list[dict[str, Any]],
+                 batch_size: int = 64, encoder: Any = None, *, beam: int | None = None,
+                 max_length: int | None = None) -> list[str]:
+        """``predict`` with the head's ``beam`` and ``max_target_length`` (tokens generated, end of sequence
+        excluded) replaced where given (``Sora.generate``, ``sora generate``, ``POST /v1/generate``). Its own loop
+        rather than ``batched``: outputs are token lists of any length decoded by the target tokenizer, not
+        score arrays."""
+        opt, target, beam, longest = self._decoding(model, tokenizer, name, beam, max_length)
+        texts = [""] * len(encoded)
+        for idx, memory, memory_mask in self._batches(model, tokenizer, name, encoded, batch_size, encoder):
+            ids = generate(model.heads[name], memory, memory_mask, target.cls_id, target.sep_id, target.pad_id,
+                           beam=beam, max_length=longest + 1, min_length=min(opt.min_target_length, longest),
+                           length_penalty=opt.length_penalty, no_repeat_ngram=opt.no_repeat_ngram)
+            for i, seq in zip(idx, ids, strict=True):
+                texts[i] = target.decode(seq).strip()
         return texts
+
+    @torch.inference_mode()
+    def stream(self, model: SoraModel, tokenizer: SoraTokenizer, name: str, encoded: list[dict[str, Any]],
+               batch_size: int = 64, encoder: Any = None, *,
+               max_length: int | None = None) -> Iterator[tuple[int, str]]:
+        """Greedy ``generate``, yielding (row, text added) as the tokens are decoded (``Sora.stream``, ``POST
+        /v1/generate`` with ``stream``). A row's text is decoded anew at each token and what it adds is sent, held
+        back while it ends in a partial character or does not extend what was sent (a tokenizer that rewrites
+        earlier text): so a row's pieces joined are its greedy ``generate`` text."""
+        opt, target, _, longest = self._decoding(model, tokenizer, name, 1, max_length)
+        head = model.heads[name]
+        for idx, memory, memory_mask in self._batches(model, tokenizer, name, encoded, batch_size, encoder):
+            tokens: list[list[int]] = [[] for _ in idx]
+            sent = [""] * len(idx)
+            for step in greedy_stream(head, memory, memory_mask, target.cls_id, target.sep_id, target.pad_id,
+                                      max_length=longest + 1, min_length=min(opt.min_target_length, longest),
+                                      no_repeat_ngram=opt.no_repeat_ngram):
+                for row, token in step:
+                    tokens[row].append(token)
+                    if piece := _added(target, tokens[row], sent, row):
+                        yield idx[row], piece
+            for row in range(len(idx)):
+                if piece := _added(target, tokens[row], sent, row, final=True):
+                    yield idx[row], piece
 
     def format(self, spec: HeadSpec, s: str) -> dict[str, Any]:
         return {"text": s}
