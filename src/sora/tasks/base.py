@@ -195,8 +195,16 @@ class TaskKind:
     @torch.inference_mode()
     def batched(self, model: SoraModel, tokenizer: SoraTokenizer, name: str, encoded: list[dict[str, Any]],
                 batch_size: int, encoder: Any) -> Iterator[tuple[list[int], np.ndarray]]:
-        """(row indices, ``batch_outputs``) over longest-first batches (little padding), in eval mode."""
+        """(row indices, ``batch_outputs``) over ``eval_batches``."""
         encoder = model if encoder is None else encoder
+        for idx, batch in self.eval_batches(model, tokenizer, encoded, batch_size):
+            yield idx, self.batch_outputs(encoder, model, name, batch).float().cpu().numpy()
+
+    @torch.inference_mode()  # torch enters and leaves it around each step of a generator
+    def eval_batches(self, model: SoraModel, tokenizer: SoraTokenizer, encoded: list[dict[str, Any]],
+                     batch_size: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+        """(row indices, the collated batch on the model's device) over longest-first batches (little padding),
+        the model in eval mode meanwhile."""
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
@@ -205,8 +213,7 @@ class TaskKind:
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 rows = self.collate([encoded[i] for i in idx], tokenizer.pad_id)
-                batch = {k: v.to(device) for k, v in rows.items()}
-                yield idx, self.batch_outputs(encoder, model, name, batch).float().cpu().numpy()
+                yield idx, {k: v.to(device) for k, v in rows.items()}
         finally:
             model.train(was_training)
 

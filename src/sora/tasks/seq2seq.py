@@ -203,25 +203,13 @@ class Seq2Seq(TaskKind):
             raise ConfigError(f"generate: beam ({beam}) and max_length ({longest}) must be at least 1")
         return opt, target, beam, min(longest, (opt.positions or longest + 1) - 1)  # bos + output fit the positions
 
-    @torch.inference_mode()  # torch enters and leaves it around each step of a generator
-    def _batches(self, model: SoraModel, tokenizer: SoraTokenizer, name: str, encoded: list[dict[str, Any]],
-                 batch_size: int, encoder: Any) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
-        """(rows, decoder memory, its mask) per batch of sources, longest first so batches carry little padding;
-        the model in eval mode meanwhile."""
+    def _memories(self, model: SoraModel, tokenizer: SoraTokenizer, name: str, encoded: list[dict[str, Any]],
+                  batch_size: int, encoder: Any) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
+        """(rows, decoder memory, its mask) per batch of sources (``eval_batches``)."""
         head, opt = model.heads[name], self.options(model.head_specs[name])
         encoder = model if encoder is None else encoder
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]["ids"]))
-        try:
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                rows = self.collate([encoded[i] for i in idx], tokenizer.pad_id)
-                batch = {k: v.to(device) for k, v in rows.items()}
-                yield (idx, *head.memory(encoder_output(encoder, batch, opt.decoder == "tokens")))
-        finally:
-            model.train(was_training)
+        for idx, batch in self.eval_batches(model, tokenizer, encoded, batch_size):
+            yield (idx, *head.memory(encoder_output(encoder, batch, opt.decoder == "tokens")))
 
     @torch.inference_mode()
     def generate(self, model: SoraModel, tokenizer: SoraTokenizer, name: str, encoded: list[dict[str, Any]],
@@ -233,7 +221,7 @@ class Seq2Seq(TaskKind):
         score arrays."""
         opt, target, beam, longest = self._decoding(model, tokenizer, name, beam, max_length)
         texts = [""] * len(encoded)
-        for idx, memory, memory_mask in self._batches(model, tokenizer, name, encoded, batch_size, encoder):
+        for idx, memory, memory_mask in self._memories(model, tokenizer, name, encoded, batch_size, encoder):
             ids = generate(model.heads[name], memory, memory_mask, target.cls_id, target.sep_id, target.pad_id,
                            beam=beam, max_length=longest + 1, min_length=min(opt.min_target_length, longest),
                            length_penalty=opt.length_penalty, no_repeat_ngram=opt.no_repeat_ngram)
@@ -251,7 +239,7 @@ class Seq2Seq(TaskKind):
         earlier text): so a row's pieces joined are its greedy ``generate`` text."""
         opt, target, _, longest = self._decoding(model, tokenizer, name, 1, max_length)
         head = model.heads[name]
-        for idx, memory, memory_mask in self._batches(model, tokenizer, name, encoded, batch_size, encoder):
+        for idx, memory, memory_mask in self._memories(model, tokenizer, name, encoded, batch_size, encoder):
             tokens: list[list[int]] = [[] for _ in idx]
             sent = [""] * len(idx)
             for step in greedy_stream(head, memory, memory_mask, target.cls_id, target.sep_id, target.pad_id,
