@@ -14,7 +14,7 @@ Systems, the neural ones trained for the same optimizer steps at the same batch 
 ROUGE-1/2/L F1 (``rouge-score`` with stemming, via ``sora.metrics.generation``) on test, **max over DialogSum's three
 references per dialogue, then the mean** (the data carries all three: ``references``).
 
-    python bench/summarize.py --quick          # -> bench/results/summarize.quick.json
+    python bench/summarize.py --quick          # -> bench/results/summarize.quick.json (under 2 minutes)
     python bench/summarize.py                  # CPU: 1,000 steps of 16 (hours on 2 cores)
     python bench/summarize.py --device cuda    # ~3 epochs at batch 32: minutes on a GPU
 """
@@ -56,8 +56,8 @@ DATA = SHARED_DATA / "dialogsum"
 WORK = REPO / "runs" / "summarize"
 SYSTEMS = ("sora", "hf_encoder_decoder", "lead")
 BUDGETS = {
-    "quick": {"steps": 20, "batch_size": 8, "train": 400, "validation": 8, "test": 24, "max_target_length": 48,
-              "max_source_length": 256},
+    "quick": {"steps": 10, "batch_size": 4, "train": 200, "validation": 4, "test": 12, "max_target_length": 32,
+              "max_source_length": 128},
     "cpu": {"steps": 1000, "batch_size": 16, "train": None, "validation": 100, "test": None, "max_target_length": 96,
             "max_source_length": 256},
     "cuda": {"steps": 1200, "batch_size": 32, "train": None, "validation": None, "test": None,

@@ -81,6 +81,8 @@ def serve_once(checkpoint: Path, queries: list[str]) -> None:
             if any(t["type"] == "seq2seq" for t in tasks.values()):
                 for q, out in zip(queries, client.generate(queries, beam=4), strict=True):
                     print(f"  POST /v1/generate {q!r} -> {out!r}")
+                pieces = [piece for _, piece in client.stream(queries[:1])]  # server-sent events, greedy
+                print(f"  POST /v1/generate stream {queries[0]!r} -> {len(pieces)} pieces: {''.join(pieces)!r}")
             if "answers" in tasks:
                 for (q, _c), a in zip(QUESTIONS, client.answer(QUESTIONS), strict=True):
                     print(f"  POST /v1/answer  {a['answer']!r:>12}  {q}")
