@@ -86,6 +86,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "pcgrad": {"sampler": "temperature", "weighting": "pcgrad", "tasks_per_step": 2},
     # Uncertainty weighting on the default sampler: temperature sampling starves the relation task of steps.
     "uncertainty_proportional": {"sampler": "proportional", "weighting": "uncertainty"},
+    # Two tasks a step, drawn in proportion without replacement: the relation task (half the examples) is in
+    # nearly every step, so it keeps about its single-task batches while the others share the second slot.
+    "proportional_k2": {"sampler": "proportional", "weighting": "equal", "tasks_per_step": 2},
+    "pcgrad_proportional": {"sampler": "proportional", "weighting": "pcgrad", "tasks_per_step": 2},
 }
 REGIMES = ("64", "full")
 TEMPLATE = "sora finetune {recipe} -o {out}"
