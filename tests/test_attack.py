@@ -15,12 +15,11 @@ from __future__ import annotations
 import json
 import random
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import cli, write_jsonl
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
 import sora
@@ -140,20 +139,6 @@ def changed_words(a: str, b: str) -> int:
     wa, wb = WORD.findall(a), WORD.findall(b)
     assert len(wa) == len(wb), (a, b)
     return sum(x != y for x, y in zip(wa, wb, strict=True))
-
-
-def cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    from sora import cli as sora_cli
-
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["sora", *args])
-    code = 0
-    try:
-        sora_cli.main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ---- the word attack ------------------------------------------------------------------------------------------
