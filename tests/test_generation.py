@@ -16,7 +16,7 @@ from torch import nn
 import sora
 from sora.config import ModelConfig, TaskConfig
 from sora.data.seq2seq import Seq2SeqExample, read_seq2seq, target_ids
-from sora.data.tasks import TaskData
+from sora.data.tasks import TaskData, task_batches
 from sora.errors import ConfigError, DataError
 from sora.metrics.generation import generation_metrics, rouge
 from sora.models.autoencoder import SoraModel
@@ -108,6 +108,17 @@ def test_top_by_index_breaks_ties_by_lower_index():
     assert index.tolist() == [[1, 2, 4], [0, 1, 2]]
     assert values[0].tolist() == [3.0, 3.0, 3.0]
     assert top_by_index(scores, 5)[1].tolist() == [[1, 2, 4, 3, 0], [0, 1, 2, 3, 4]]
+    # Rows tied inside the best k (reordered topk), across the cut (the exact scan) and not at all, together:
+    # each row is ranked as sorting it by (score descending, index ascending) ranks it.
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, 6, (64, 40), generator=g).float()  # many ties at every score
+    rows[::3] = torch.randn(22, 40, generator=g)  # ties nowhere
+    rows[1::3, :30] = -math.inf  # ties across the cut at -inf
+    for k in (1, 4, 8):
+        values, index = top_by_index(rows, k)
+        for r in range(len(rows)):
+            expected = sorted(range(40), key=lambda i, row=rows[r].tolist(): (-row[i], i))[:k]
+            assert index[r].tolist() == expected and values[r].tolist() == rows[r, expected].tolist()
 
 
 def test_banned_ngram_tokens():
@@ -264,8 +275,40 @@ def trained(request, tokenizer):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert logits.shape[:2] == (len(PAIRS), batch["target_ids"].shape[1] - 1)
+    real = batch["target_mask"].bool()[:, 1:]
+    assert logits.shape[0] == int(real.sum()) < real.numel()  # the real target positions only
+    # ... and the loss is the one over the padded batch with its padding ignored.
+    with torch.no_grad():
+        model.eval()
+        loss, _ = kind.loss(model, "t", batch, None)
+        head, out = model.heads["t"], model.run(batch["input_ids"], batch["attention_mask"])
+        ids, mask = batch["target_ids"], batch["target_mask"].bool()
+        padded = head(ids[:, :-1], *head.memory(out), mask=mask[:, :-1])
+        labels = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
+        full = torch.nn.functional.cross_entropy(padded.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                                 label_smoothing=kind.options(model.head_specs["t"]).label_smoothing)
+        torch.testing.assert_close(loss, full)
     return model, examples, encoded
+
+
+def test_training_batches_group_targets_of_a_length(tokenizer):
+    """Seq2seq batches are bucketed by target length first (the decoder computes every padded position)."""
+    kind = kind_of("seq2seq")
+    sources = [" ".join(["word"] * (1 + i % 7)) for i in range(64)]
+    targets = [" ".join(["wort"] * (1 + (i * 5) % 11)) for i in range(64)]  # lengths unrelated to the source's
+    examples = [Seq2SeqExample(a, [b]) for a, b in zip(sources, targets, strict=True)]
+    model = _with_head(tokenizer, _task(), examples[:2])
+    encoded = kind.encode(examples, model.head_specs["t"], tokenizer, 32)
+    lengths = sorted(len(row["target"]) for row in encoded)
+    least = sum(max(lengths[s:s + 8]) * 8 for s in range(0, 64, 8))  # the padded positions of sorted batches
+
+    def padded(batches) -> int:
+        return sum(b["target_ids"].numel() for b in batches)
+
+    mine = list(kind.batches(encoded, None, 8, tokenizer.pad_id, seed=1))
+    assert sum(len(b["target_ids"]) for b in mine) == 64 and padded(mine) == least
+    by_source = task_batches(encoded, None, 8, tokenizer.pad_id, seed=1, collate_rows=kind.collate)
+    assert padded(by_source) > least
 
 
 def test_a_trained_head_reproduces_its_pairs_greedy_and_beam(trained, tokenizer):
@@ -324,14 +367,14 @@ def test_the_head_starts_as_the_pretrained_decoder_where_it_fits(tokenizer):
 
 def test_divergence_and_options(tokenizer):
     kind = kind_of("seq2seq")
-    logits = torch.randn(2, 3, 10)
+    logits = torch.randn(4, 10)  # the loss's: one row per real target position
     batch = {"target_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)}
     spec = HeadSpec(type="seq2seq", module="seq2seq", reads="tokens")
     assert float(kind.divergence(spec, logits, logits, batch)) == pytest.approx(0.0, abs=1e-6)
     assert float(kind.divergence(spec, logits, logits.flip(-1), batch)) > 0
     changed = logits.clone()
-    changed[1, 2] += 5.0  # a padded position: not counted
-    assert float(kind.divergence(spec, logits, changed, batch)) == pytest.approx(0.0, abs=1e-6)
+    changed[3] += 5.0  # adding a constant to a row leaves its distribution as it is
+    assert float(kind.divergence(spec, logits, changed, batch)) == pytest.approx(0.0, abs=1e-5)
     data = TaskData(_task(), False, None, [Seq2SeqExample("a", ["b"])])
     with pytest.raises(ConfigError, match="seq2seq options"):
         kind.spec(_task(beams=3), data, False)

@@ -196,16 +196,19 @@ def task_batches(encoded: list[dict[str, Any]], targets: torch.Tensor | None, ba
                  seed: int = 0,
                  epoch: int = 0, shuffle: bool = True, prefix: str = "",
                  collate_rows: Callable[[list[dict[str, Any]], int], dict[str, torch.Tensor]] = make_batch,
+                 length: Callable[[dict[str, Any]], Any] | None = None,
                  ) -> Iterator[dict[str, torch.Tensor]]:
     """Length-bucketed batches over in-memory examples; keys get ``prefix`` (to mix tasks in one batch).
-    ``collate_rows`` pads a list of encoded rows into tensors (a kind's own, e.g. with entity positions)."""
+    ``collate_rows`` pads a list of encoded rows into tensors (a kind's own, e.g. with entity positions);
+    ``length`` is the sort key of the buckets (default: the input's tokens)."""
+    length = length or (lambda row: len(row["ids"]))
     order = list(range(len(encoded)))
     if shuffle:
         rng = random.Random(f"{seed}/{epoch}")
         rng.shuffle(order)
         bucket = batch_size * 50
         order = [i for s in range(0, len(order), bucket) for i in sorted(order[s:s + bucket],
-                                                                          key=lambda i: len(encoded[i]["ids"]))]
+                                                                          key=lambda i: length(encoded[i]))]
         chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
         rng.shuffle(chunks)
     else:

@@ -36,7 +36,26 @@ def banned_ngram_tokens(seq: list[int], n: int) -> list[int]:
 
 def top_by_index(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` best entries of each row of ``scores`` (R, N), best first, equal scores by lower index
-    (``torch.topk`` leaves the order of ties, and which of them make the cut, unspecified)."""
+    (``torch.topk`` leaves the order of ties, and which of them make the cut, unspecified).
+
+    A row whose k-th best score is strictly above its (k+1)-th has one set of k best whatever the ties: its
+    ``topk`` is only reordered. Rows tied across the cut (a tiny vocabulary's dead beams at -inf) take the
+    exact path, which scans the whole row; beam search over a real vocabulary almost never needs it, and that
+    scan (a cumulative sum over beam × vocab entries) was half of a beam step's time."""
+    m = min(k + 1, scores.shape[-1])
+    values, index = scores.topk(m, dim=-1)
+    clear = values[:, k - 1] > values[:, k] if m > k else torch.ones_like(values[:, 0], dtype=torch.bool)
+    index, by_index = index[:, :k].sort(dim=-1)
+    values = values[:, :k].gather(1, by_index)
+    order = values.argsort(dim=-1, descending=True, stable=True)
+    values, index = values.gather(1, order), index.gather(1, order)
+    if not bool(clear.all()):
+        rows = (~clear).nonzero().squeeze(1)
+        values[rows], index[rows] = _top_by_index_exact(scores[rows], k)
+    return values, index
+
+
+def _top_by_index_exact(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     values, _ = scores.topk(k, dim=-1)
     kth = values[:, -1:]
     above, tied = scores > kth, scores == kth
@@ -50,10 +69,13 @@ def top_by_index(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 
 def _log_probs(step: StepFn, prefix: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None,
                cache: DecoderCache | None, generated: list[list[int]], *, eos: int, never: list[int],
-               min_length: int, no_repeat_ngram: int) -> torch.Tensor:
-    """Next-token log-probabilities (R, vocab) of each row, with the tokens it may not take at -inf."""
+               min_length: int, no_repeat_ngram: int, normalize: bool = True) -> torch.Tensor:
+    """Next-token log-probabilities (R, vocab) of each row, with the tokens it may not take at -inf;
+    ``normalize=False``: the logits instead (greedy's argmax is the same, without a softmax over the vocabulary)."""
     ids = prefix[:, -1:] if cache is not None else prefix
-    logp = step(ids, memory, memory_mask, cache)[:, -1].float().log_softmax(-1)
+    logp = step(ids, memory, memory_mask, cache)[:, -1].float()
+    if normalize:
+        logp = logp.log_softmax(-1)
     if never:
         logp[:, never] = NEG
     if len(generated[0]) < min_length:  # every row has generated as many tokens
@@ -121,8 +143,9 @@ def _greedy_steps(step: StepFn, memory: torch.Tensor, memory_mask: torch.Tensor 
     rows = list(range(memory.shape[0]))  # the sources still decoding, in batch order
     prefix = torch.full((len(rows), 1), bos, dtype=torch.long, device=memory.device)
     for _ in range(max_length):
-        logp = _log_probs(step, prefix, memory, memory_mask, cache, [out[r] for r in rows], **common)
-        best = logp.argmax(-1)  # the first of equal maxima
+        logits = _log_probs(step, prefix, memory, memory_mask, cache, [out[r] for r in rows], **common,
+                            normalize=False)
+        best = logits.argmax(-1)  # the first of equal maxima
         tokens = best.tolist()
         going = [i for i, t in enumerate(tokens) if t != eos]
         for i in going:

@@ -166,11 +166,16 @@ class Seq2SeqHead(nn.Module):
         return out.states.to(dtype), out.mask
 
     def forward(self, ids: torch.Tensor, memory: torch.Tensor | None, memory_mask: torch.Tensor | None,
-                cache: DecoderCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Next-token logits (B, T, vocab) after each of ``ids`` (B, T); ``mask`` (B, T): the target's padding."""
+                cache: DecoderCache | None = None, mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits (B, T, vocab) after each of ``ids`` (B, T); ``mask`` (B, T): the target's padding.
+        ``positions`` (B, T) bool: only those positions' logits, (N, vocab) in row-major order (training skips
+        the padding's, the output layer being most of a small decoder's work)."""
         if mask is None and cache is None:
             mask = torch.ones_like(ids, dtype=torch.bool)
         states = self.decoder(ids, mask, memory, memory_mask, cache=cache)
+        if positions is not None:
+            states = states[positions]
         return states @ self.decoder.word.weight.T
 
 

@@ -151,7 +151,12 @@ class TaskKind:
                 seed: int = 0, epoch: int = 0, shuffle: bool = True,
                 prefix: str = "") -> Iterator[dict[str, torch.Tensor]]:
         return task_batches(encoded, targets, batch_size, pad_id, seed=seed, epoch=epoch, shuffle=shuffle,
-                            prefix=prefix, collate_rows=self.collate)
+                            prefix=prefix, collate_rows=self.collate, length=self.length)
+
+    def length(self, row: dict[str, Any]) -> Any:
+        """What training batches are bucketed by (rows of similar ``length`` share a batch, so little of it is
+        padding): the input's tokens; a kind whose cost lies elsewhere (a seq2seq target) says so."""
+        return len(row["ids"])
 
     def collate(self, rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
         """Encoded rows → padded tensors (training and prediction alike)."""

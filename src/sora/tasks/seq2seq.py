@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 
@@ -38,6 +37,7 @@ from sora.errors import ConfigError, DataError
 from sora.models.autoencoder import SoraModel
 from sora.models.generate import generate, greedy_stream
 from sora.models.heads import HeadSpec, encoder_output
+from sora.models.losses import token_cross_entropy
 from sora.tasks.base import TaskKind
 from sora.text.tokenizer import SoraTokenizer, train_tokenizer
 
@@ -161,6 +161,13 @@ class Seq2Seq(TaskKind):
     def collate(self, rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
         return seq2seq_batch(rows, pad_id)
 
+    def length(self, row: dict[str, Any]) -> Any:
+        """Batches group targets of a length first (the decoder and its output layer compute every padded
+        target position; the encoder skips its padding), then sources: on Multi30k's training pairs in
+        batches of 64, 3% of target and 22% of source positions are padding, against 32% and 3% by source
+        length alone (MiniLM's tokenizer)."""
+        return len(row.get("target", ())), len(row["ids"])
+
     def training_targets(self, examples: list[Seq2SeqExample], encoded: list[dict[str, Any]],
                          labels: list[str] | None) -> None:
         return None  # the target ids travel with each row (collate)
@@ -170,23 +177,23 @@ class Seq2Seq(TaskKind):
     def loss(self, model: SoraModel, name: str, batch: dict[str, torch.Tensor],
              objective: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing: label-smoothed cross-entropy of each real target token given the ones before it
-        and the source; logits (B, T - 1, vocab)."""
+        and the source; logits (N, vocab) of the N real target positions, row-major (the output projection and
+        the softmax, the costliest part of a step, skip the padding)."""
         head, opt = model.heads[name], self.options(model.head_specs[name])
         out = model.run(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
         memory, memory_mask = head.memory(out)
         ids, mask = batch["target_ids"], batch["target_mask"].bool()
-        logits = head(ids[:, :-1], memory, memory_mask, mask=mask[:, :-1]).float()
-        labels = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
-                               label_smoothing=opt.label_smoothing)
+        real = mask[:, 1:]
+        logits = head(ids[:, :-1], memory, memory_mask, mask=mask[:, :-1], positions=real).float()
+        loss = token_cross_entropy(logits, ids[:, 1:][real], opt.label_smoothing)
         return loss, logits
 
     def divergence(self, spec: HeadSpec, target: torch.Tensor, logits: torch.Tensor,
                    batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """KL(target ‖ logits) of the next-token distributions, mean over the real target tokens."""
-        real = batch["target_mask"].bool()[:, 1:]
+        """KL(target ‖ logits) of the next-token distributions (N, vocab each: ``loss``'s), mean over the real
+        target tokens."""
         t, q = target.float().log_softmax(-1), logits.float().log_softmax(-1)
-        return (t.exp() * (t - q)).sum(-1)[real].mean()
+        return (t.exp() * (t - q)).sum(-1).mean()
 
     def predict(self, model: SoraModel, tokenizer: SoraTokenizer, name: str, encoded: list[dict[str, Any]],
                 batch_size: int = 64, encoder: Any = None) -> list[str]:
