@@ -76,7 +76,9 @@ SYSTEMS = ("sora", "sora_minilm", "sora_bottleneck", "opennmt")
 # --quick leaves the peer out unless --systems names it: eole's own start-up (about 40 s before its first training
 # step, 20-30 s before each predict) alone is over the quick mode's two minutes.
 QUICK_SYSTEMS = ("sora", "sora_minilm", "sora_bottleneck")
-EOLE_SPEC = "eole"  # from the package index, into bench/.envs/eole
+# From the package index, into bench/.envs/eole. eole 0.6.4's command line imports aiohttp (its load-test tool)
+# without declaring it, so a venv without it cannot run `eole` at all.
+EOLE_SPEC = ["eole==0.6.4", "aiohttp"]
 
 # Budgets: model size and training length, the same for every system (MiniLM's encoder is its own: 6 × 384).
 BUDGETS = {
@@ -165,7 +167,8 @@ def time_generate(model: Any, sources: list[str], beam: int) -> tuple[list[str],
 
 
 def run_sora_system(root: Path, system: str, budget: dict[str, Any], device: torch.device, threads: int,
-                    splits: dict[str, list[dict[str, str]]], pieces: float, commands: dict[str, str]) -> dict[str, Any]:
+                    splits: dict[str, list[dict[str, str]]], tokenizer: SoraTokenizer, pieces: float,
+                    commands: dict[str, str]) -> dict[str, Any]:
     init = str(minilm_path()) if system == "sora_minilm" else str(scratch_encoder(root, budget, device, threads,
                                                                                   commands) / "model")
     out = root / system
@@ -190,9 +193,22 @@ def run_sora_system(root: Path, system: str, budget: dict[str, Any], device: tor
             if timed else round(steps * budget["batch_size"] * pieces / seconds, 1),
             "timed_steps": timed_steps, "greedy_sents_per_s": round(len(sources) / t_greedy, 2),
             "beam4_sents_per_s": round(len(sources) / t_beam, 2),
+            **decoded({"greedy": greedy, "beam4": beam4}, {"greedy": t_greedy, "beam4": t_beam}, tokenizer),
             "steps": steps, "train_seconds": round(seconds, 1), "finetune_wall_s": round(wall, 1),
             "examples": [{"source": s, "output": o, "reference": r["target"]}
                          for s, o, r in list(zip(sources, beam4, splits["test"], strict=True))[:3]]}
+
+
+def decoded(outputs: dict[str, list[str]], seconds: dict[str, float | None],
+            tokenizer: SoraTokenizer) -> dict[str, Any]:
+    """Per decoding mode the mean output length in the shared BPE's pieces and the pieces decoded per second:
+    sentences/s alone rewards a system whose outputs are short."""
+    out: dict[str, Any] = {}
+    for key, texts in outputs.items():
+        n = sum(len(e.ids) for e in tokenizer.tk.encode_batch(texts, add_special_tokens=False))
+        out[f"{key}_output_pieces"] = round(n / max(len(texts), 1), 2)
+        out[f"{key}_pieces_per_s"] = round(n / seconds[key], 1) if seconds.get(key) else None
+    return out
 
 
 def scores(outputs: list[str], rows: list[dict[str, str]]) -> dict[str, float]:
@@ -218,9 +234,9 @@ def eole_env(meta: dict[str, Any]) -> Path | None:
         site = next((env / "lib").glob("python*/site-packages"))
         base = next(Path(sys.executable).parent.parent.glob("lib/python*/site-packages"))
         (site / "_sora_base.pth").write_text(f"{base}\n")
-        proc = subprocess.run([str(env / "bin" / "pip"), "install", "-q", EOLE_SPEC], capture_output=True, text=True)
+        proc = subprocess.run([str(env / "bin" / "pip"), "install", "-q", *EOLE_SPEC], capture_output=True, text=True)
         if proc.returncode != 0:
-            meta["opennmt_skipped"] = f"pip install {EOLE_SPEC} failed: {(proc.stderr or proc.stdout)[-600:]}"
+            meta["opennmt_skipped"] = f"pip install {' '.join(EOLE_SPEC)} failed: {(proc.stderr or proc.stdout)[-600:]}"
             return None
     proc = subprocess.run([str(env / "bin" / "python"), "-c",
                            "import importlib.metadata as m, torch; print(m.version('eole'), torch.__version__)"],
@@ -320,6 +336,8 @@ def run_eole(env: Path, root: Path, budget: dict[str, Any], device: torch.device
             "eole_reported_tok_per_s": re.findall(r"(\d+)/\s*(\d+) tok/s", train_log)[-1:],
             "greedy_sents_per_s": round(len(sources) / out["greedy_seconds"], 2) if out["greedy_seconds"] else None,
             "beam4_sents_per_s": round(len(sources) / out["beam4_seconds"], 2) if out["beam4_seconds"] else None,
+            **decoded({k: out[k] for k in ("greedy", "beam4")},
+                      {k: out[f"{k}_seconds"] for k in ("greedy", "beam4")}, tokenizer),
             "steps": steps_seen[-1] if steps_seen else budget["steps"], "train_seconds": round(seconds, 1),
             "train_wall_s": round(wall, 1), "timed_steps": timed_steps,
             "examples": [{"source": s, "output": o, "reference": r["target"]}
@@ -376,7 +394,8 @@ def main() -> None:
                     continue
                 results[system] = run_eole(env, root, budget, device, threads, splits, tokenizer, pieces, commands)
             else:
-                results[system] = run_sora_system(root, system, budget, device, threads, splits, pieces, commands)
+                results[system] = run_sora_system(root, system, budget, device, threads, splits, tokenizer, pieces,
+                                                  commands)
         except Exception as exc:  # one system failing is reported, the others still run
             results[system] = {"skipped": f"{type(exc).__name__}: {str(exc)[-800:]}"}
             if system == "opennmt":

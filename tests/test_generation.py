@@ -185,8 +185,48 @@ def test_a_beam_wider_than_every_hypothesis_finds_the_best_scoring_sequence(leng
     candidates = [(score(list(s), True), list(s)) for n in range(3) for s in itertools.product(real, repeat=n)]
     candidates += [(score(list(s), False), list(s)) for s in itertools.product(real, repeat=3)]
     best = max(candidates, key=lambda c: c[0])[1]
-    got = generate(step, memory, mask, BOS, EOS, PAD, beam=64, max_length=3, length_penalty=length_penalty)
+    got = generate(step, memory, mask, BOS, EOS, PAD, beam=64, max_length=3, length_penalty=length_penalty,
+                   stopping="beam")
     assert got == [best]
+
+
+class Counted:
+    """A step function that counts the rows it decodes (sources × beams × steps)."""
+
+    def __init__(self, step):
+        self.step, self.rows = step, 0
+
+    def __call__(self, ids, memory, memory_mask, cache):
+        self.rows += ids.shape[0]
+        return self.step(ids, memory, memory_mask, cache)
+
+
+def test_stopping_at_the_best_hypothesis_decodes_fewer_steps_than_waiting_for_a_full_beam():
+    memory, mask = _memory((5, 3, 7, 4))
+    outputs = {}
+    rows = {}
+    for stopping in ("best", "beam"):
+        step = Counted(TinyLM(eos_bias=14.0, seed=0))
+        outputs[stopping] = generate(step, memory, mask, BOS, EOS, PAD, beam=4, max_length=16, stopping=stopping)
+        rows[stopping] = step.rows
+    assert rows["best"] < rows["beam"]
+    assert all(outputs.values()) and len({len(o) for o in outputs["best"]}) > 1
+    # Both decode the same steps until "best" stops, and the best finished hypothesis is never dropped, so what
+    # waiting longer ("beam") returns scores at least as well: it found the same one or a better one.
+    lm = TinyLM(eos_bias=14.0, seed=0)
+
+    def score(i: int, seq: list[int]) -> float:
+        n = int(mask[i].sum())
+        ended = [*seq, EOS] if len(seq) < 16 else seq
+        logp = lm(torch.tensor([[BOS, *seq]]), memory[i:i + 1, :n], None)[0].detach()
+        logp[:, [BOS, PAD]] = -math.inf
+        logp = logp.log_softmax(-1)
+        return sum(float(logp[t, tok]) for t, tok in enumerate(ended)) / len(ended)
+
+    for i in range(len(memory)):
+        assert score(i, outputs["beam"][i]) >= score(i, outputs["best"][i]) - 1e-5
+    with pytest.raises(ValueError, match="stopping"):
+        generate(TinyLM(), memory, mask, BOS, EOS, PAD, beam=2, max_length=4, stopping="soon")
 
 
 def test_constraints_min_length_no_repeat_and_max_length():

@@ -8,6 +8,7 @@ import torch
 
 from sora.config import ModelConfig
 from sora.models.autoencoder import SoraModel
+from sora.models.transformer import Dropout
 from sora.text.tokenizer import SoraTokenizer, train_tokenizer
 from sora.train.pretrain import build_model
 
@@ -136,3 +137,23 @@ def test_decoder_ignores_the_padding_of_its_memory():
         code = memory[:, :1]
         one = torch.ones(2, 1, dtype=torch.bool)
         torch.testing.assert_close(decoder(ids, mask, code), decoder(ids, mask, code, one))
+
+
+def test_dropout_keeps_the_rate_and_the_expectation_and_is_seeded():
+    drop = Dropout(0.1).train()
+    x = torch.ones(200_000, requires_grad=True)
+    torch.manual_seed(0)
+    y = drop(x)
+    zeroed = float((y == 0).float().mean())
+    assert abs(zeroed - 0.1) < 0.004 and abs(float(y.mean()) - 1.0) < 0.01
+    kept = y[y != 0]
+    torch.testing.assert_close(kept, torch.full_like(kept, 65536 / (65536 - round(0.1 * 65536))))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # the gradient is the mask times the scale
+    torch.manual_seed(0)
+    torch.testing.assert_close(drop(x), y)  # the same seed draws the same mask
+    assert drop.eval()(x) is x and Dropout(0.0).train()(x) is x
+    odd = Dropout(0.5).train()(torch.ones(3, 5, 7))  # a size not a multiple of four
+    assert odd.shape == (3, 5, 7) and set(odd.unique().tolist()) <= {0.0, 2.0}
+    with pytest.raises(ValueError, match="dropout"):
+        Dropout(1.0)

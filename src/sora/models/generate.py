@@ -7,11 +7,19 @@ call here), without one the whole prefix. A seq2seq head (``sora.models.heads.Se
 Beam search keeps ``beam`` hypotheses per source (Hugging Face's ``BeamSearchScorer``): each step the 2 × beam
 best continuations of a source's beams are ranked; an end of sequence among the best ``beam`` of them finishes
 a hypothesis scored ``sum of log-probabilities / length ** length_penalty`` (GNMT / HF; length counts the
-generated tokens, the end of sequence included), the others continue. A source is done when it has ``beam``
-finished hypotheses and its best running beam, at its current length, scores no better than the worst of them
-(HF's ``early_stopping=False`` rule); decoding stops when every source is done, or at ``max_length``, where the
-running beams are finished as they are. Done sources leave the batch. Nothing is sampled; equal scores are
-ranked by index (lower beam, then lower token id), so results are reproducible and beam=1 is greedy.
+generated tokens, the end of sequence included), the others continue. When a source is done is ``stopping``'s:
+
+- ``best`` (the default): its best finished hypothesis scores at least what its best running beam scores at
+  its current length. Only the best hypothesis is returned, and a running beam that cannot (by this estimate)
+  overtake it is not worth extending; this is in effect OpenNMT's rule (a source ends when its top candidate is
+  an end of sequence), which decodes far fewer steps than waiting for ``beam`` finished hypotheses;
+- ``beam``: it has ``beam`` finished hypotheses and its best running beam, at its current length, scores no
+  better than the worst of them (HF's ``early_stopping=False``): a wide beam then searches more, e.g. every
+  hypothesis when the beam holds them all.
+
+Decoding stops when every source is done, or at ``max_length``, where the running beams are finished as they
+are. Done sources leave the batch. Nothing is sampled; equal scores are ranked by index (lower beam, then lower
+token id), so results are reproducible and beam=1 is greedy.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from sora.models.transformer import DecoderCache
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, DecoderCache | None], torch.Tensor]
 NEG = float("-inf")
+STOPPING = ("best", "beam")  # when a source's beam search ends (module docstring)
 
 
 def banned_ngram_tokens(seq: list[int], n: int) -> list[int]:
@@ -91,16 +100,19 @@ def _log_probs(step: StepFn, prefix: torch.Tensor, memory: torch.Tensor, memory_
 @torch.inference_mode()
 def generate(step: StepFn, memory: torch.Tensor, memory_mask: torch.Tensor | None, bos: int, eos: int, pad: int, *,
              beam: int = 1, max_length: int, min_length: int = 0, length_penalty: float = 1.0,
-             no_repeat_ngram: int = 0, use_cache: bool = True) -> list[list[int]]:
+             no_repeat_ngram: int = 0, use_cache: bool = True, stopping: str = "best") -> list[list[int]]:
     """Token ids decoded for each source (``memory`` (B, S, dim), ``memory_mask`` (B, S) or None), without
     ``bos`` and ``eos``: greedy when ``beam`` is 1, beam search otherwise (module docstring).
 
     ``max_length``: the most tokens generated per source, the end of sequence included (so an output has at most
     that many tokens). ``min_length``: no end of sequence before that many tokens. ``no_repeat_ngram`` n > 0: no
     n-gram occurs twice in an output. ``bos`` and ``pad`` are never generated. ``use_cache=False`` recomputes the
-    whole prefix every step (the same result, slower: what the cache is tested against)."""
+    whole prefix every step (the same result, slower: what the cache is tested against). ``stopping``: when a
+    source's beam search ends, ``best`` or ``beam`` (module docstring)."""
     if beam < 1 or max_length < 1:
         raise ValueError(f"beam {beam} and max_length {max_length} must be at least 1")
+    if stopping not in STOPPING:
+        raise ValueError(f"stopping {stopping!r}: choose {' or '.join(STOPPING)}")
     if memory.shape[0] == 0:
         return []
     never = sorted({bos, pad} - {eos})
@@ -108,7 +120,7 @@ def generate(step: StepFn, memory: torch.Tensor, memory_mask: torch.Tensor | Non
     cache = DecoderCache() if use_cache else None
     if beam == 1:
         return _greedy(step, memory, memory_mask, bos, cache, max_length, common)
-    return _beam_search(step, memory, memory_mask, bos, cache, beam, max_length, length_penalty, common)
+    return _beam_search(step, memory, memory_mask, bos, cache, beam, max_length, length_penalty, common, stopping)
 
 
 def _greedy(step: StepFn, memory: torch.Tensor, memory_mask: torch.Tensor | None, bos: int,
@@ -182,13 +194,16 @@ class _Finished:
     def worst(self) -> float:
         return self.hyps[-1][0] if self.hyps else NEG
 
-    def done(self, best_running: float, length: int) -> bool:
-        return len(self.hyps) >= self.beam and self.worst >= best_running / length**self.length_penalty
+    def done(self, best_running: float, length: int, stopping: str) -> bool:
+        reach = best_running / length**self.length_penalty
+        if stopping == "best":
+            return bool(self.hyps) and self.hyps[0][0] >= reach
+        return len(self.hyps) >= self.beam and self.worst >= reach
 
 
 def _beam_search(step: StepFn, memory: torch.Tensor, memory_mask: torch.Tensor | None, bos: int,
                  cache: DecoderCache | None, beam: int, max_length: int, length_penalty: float,
-                 common: dict) -> list[list[int]]:
+                 common: dict, stopping: str = "best") -> list[list[int]]:
     eos, device = common["eos"], memory.device
     finished = [_Finished(beam, length_penalty) for _ in range(memory.shape[0])]
     sources = list(range(memory.shape[0]))  # still decoding; row s * beam + k of the batch is beam k of source s
@@ -217,7 +232,7 @@ def _beam_search(step: StepFn, memory: torch.Tensor, memory_mask: torch.Tensor |
                     finished[source].add(generated[row], value, length)
                 if len(chosen) == beam:
                     break
-            if chosen and not finished[source].done(chosen[0][2], length):
+            if chosen and not finished[source].done(chosen[0][2], length, stopping):
                 # Fewer possible continuations than beams (a tiny vocabulary): dead beams fill up.
                 going[source] = chosen + [(a * beam, eos, NEG)] * (beam - len(chosen))
         if length == max_length or not going:

@@ -114,6 +114,34 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     return torch.softmax(scores, dim=-1) @ v
 
 
+class Dropout(nn.Module):
+    """``nn.Dropout``, with a cheaper mask on CPUs: torch's CPU dropout draws one Bernoulli variable per element,
+    which took 2.5 ms forward and backward for a (1024, 256) activation here (2 threads) — 26 dropouts a step of a
+    3-layer translation model, 8% of its time. Here one 64-bit random integer gives four 16-bit uniforms, each kept
+    when above ``round(p × 65536)`` of the 65,536 values (1.0–1.4 ms); the rate is p to within 1/65,536 and the kept
+    values are scaled by exactly 1 / (the keep probability), so the expectation is unchanged. Other devices use
+    ``F.dropout`` (fused there). Deterministic under ``torch.manual_seed``, as torch's."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout {p} must be in [0, 1)")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, True)
+        n, cut = x.numel(), round(self.p * 65536)
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), 2**63 - 1)
+        keep = bits.view(torch.int16)[:n].view(x.shape) >= cut - 32768
+        return x * (keep.to(x.dtype) * (65536 / (65536 - cut)))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float, cross: bool = False, head_dim: int | None = None):
         """``head_dim`` defaults to dim // heads; pruning keeps it and lowers ``heads`` (inner = heads × head_dim)."""
@@ -194,7 +222,7 @@ class Block(nn.Module):
         self.cross_norm = nn.LayerNorm(dim, eps=eps) if cross else None
         self.ffn = FeedForward(dim, ffn_dim)
         self.ffn_norm = nn.LayerNorm(dim, eps=eps)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def _residual(self, x, norm, fn):
         if self.pre:
@@ -219,7 +247,7 @@ class Embeddings(nn.Module):
         self.position = nn.Embedding(max_length, dim)
         self.token_type = nn.Embedding(type_vocab, dim) if type_vocab else None
         self.norm = nn.LayerNorm(dim, eps=eps) if norm else None
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, ids: torch.Tensor, type_ids: torch.Tensor | None = None,
                 perturb: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
@@ -296,7 +324,7 @@ class Decoder(nn.Module):
             Block(dim, heads, ffn_dim, dropout, "pre", cross=True, eps=eps) for _ in range(layers)
         )
         self.final_norm = nn.LayerNorm(dim, eps=eps)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, memory: torch.Tensor | None,
                 memory_mask: torch.Tensor | None = None, cache: DecoderCache | None = None) -> torch.Tensor:

@@ -15,8 +15,10 @@ JSON), so a checkpoint's config.json carries it and loading needs nothing else.
 Task options (``tasks[].options``): ``decoder`` (tokens), ``layers`` / ``heads`` / ``ffn_dim`` (default: the
 pretrained decoder's, else 2 layers of the encoder's heads and width), ``target_tokenizer`` (shared),
 ``target_vocab_size`` (8000, own only), ``label_smoothing`` (0.1), ``beam`` (4), ``max_target_length`` (128 tokens),
-``min_target_length`` (0), ``length_penalty`` (1.0), ``no_repeat_ngram`` (0: off), ``max_source_length`` (default:
-``data.max_length``), ``bleu_tokenize`` (sacreBLEU's ``13a``; ``zh``, ``intl``, ...).
+``min_target_length`` (0), ``length_penalty`` (1.0), ``stopping`` (``best``: a source's beam search ends once
+its best finished hypothesis cannot be overtaken; ``beam``: once ``beam`` are finished), ``no_repeat_ngram``
+(0: off), ``max_source_length`` (default: ``data.max_length``), ``bleu_tokenize`` (sacreBLEU's ``13a``; ``zh``,
+``intl``, ...).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class Seq2SeqOptions(BaseModel):
     max_target_length: int = Field(128, ge=1)  # tokens of a target (training) and of an output (decoding)
     min_target_length: int = Field(0, ge=0)
     length_penalty: float = 1.0  # beam score = sum of log-probabilities / length ** length_penalty
+    stopping: Literal["best", "beam"] = "best"  # when a source's beam search ends (sora.models.generate)
     no_repeat_ngram: int = Field(0, ge=0)
     max_source_length: int | None = Field(None, ge=4)  # default: data.max_length
     bleu_tokenize: str = "13a"
@@ -231,7 +234,8 @@ class Seq2Seq(TaskKind):
         for idx, memory, memory_mask in self._memories(model, tokenizer, name, encoded, batch_size, encoder):
             ids = generate(model.heads[name], memory, memory_mask, target.cls_id, target.sep_id, target.pad_id,
                            beam=beam, max_length=longest + 1, min_length=min(opt.min_target_length, longest),
-                           length_penalty=opt.length_penalty, no_repeat_ngram=opt.no_repeat_ngram)
+                           length_penalty=opt.length_penalty, no_repeat_ngram=opt.no_repeat_ngram,
+                           stopping=opt.stopping)
             for i, seq in zip(idx, ids, strict=True):
                 texts[i] = target.decode(seq).strip()
         return texts
