@@ -22,7 +22,8 @@ model size, steps, batch size, decoder shape and target length, patience 0 so ev
 outputs, beam 4), training tokens/s (source + target pieces of the shared BPE per training pair × pairs seen, over
 the training seconds the tool reports: Sora's fit loop, which includes its validation BLEU, eole's step log
 from its first report to its last), decoding sentences/s greedy and beam 4 (test sources, batches of 32, in-process
-for Sora; eole's predict from its log timestamps, without its start-up), and steps.
+for Sora; eole's predict from its log timestamps, without its start-up; each the median of 3 decodings, 1 in
+--quick), and steps.
 
     python bench/translate.py --quick              # -> bench/results/translate.quick.json (under 2 minutes;
                                                    #    the Sora systems: add opennmt with --systems)
@@ -83,11 +84,11 @@ EOLE_SPEC = ["eole==0.6.4", "aiohttp"]
 # Budgets: model size and training length, the same for every system (MiniLM's encoder is its own: 6 × 384).
 BUDGETS = {
     "quick": {"dim": 64, "layers": 1, "heads": 2, "ffn_dim": 128, "vocab": 1000, "steps": 20, "batch_size": 16,
-              "train": 1000, "validation": 8, "test": 32, "max_target_length": 32},
+              "train": 1000, "validation": 8, "test": 32, "max_target_length": 32, "decode_repeats": 1},
     "cpu": {"dim": 256, "layers": 3, "heads": 4, "ffn_dim": 1024, "vocab": 8000, "steps": 1500, "batch_size": 64,
-            "train": None, "validation": 200, "test": None, "max_target_length": 64},
+            "train": None, "validation": 200, "test": None, "max_target_length": 64, "decode_repeats": 3},
     "cuda": {"dim": 256, "layers": 3, "heads": 4, "ffn_dim": 1024, "vocab": 8000, "steps": 2300, "batch_size": 128,
-             "train": None, "validation": None, "test": None, "max_target_length": 64},
+             "train": None, "validation": None, "test": None, "max_target_length": 64, "decode_repeats": 3},
 }
 DECODE_BATCH = 32
 
@@ -160,10 +161,17 @@ def sora_recipe(root: Path, system: str, init: str, budget: dict[str, Any]) -> P
     })
 
 
-def time_generate(model: Any, sources: list[str], beam: int) -> tuple[list[str], float]:
-    t0 = time.perf_counter()
-    out = model.generate(sources, beam=beam, batch_size=DECODE_BATCH)
-    return out, time.perf_counter() - t0
+def time_generate(model: Any, sources: list[str], beam: int, repeats: int) -> tuple[list[str], float]:
+    """The outputs and the median seconds of ``repeats`` decodings (each must give the same outputs)."""
+    times, outputs = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = model.generate(sources, beam=beam, batch_size=DECODE_BATCH)
+        times.append(time.perf_counter() - t0)
+        if outputs is not None and out != outputs:
+            raise RuntimeError(f"beam {beam}: two decodings of the same sources differ")
+        outputs = out
+    return outputs, statistics.median(times)
 
 
 def run_sora_system(root: Path, system: str, budget: dict[str, Any], device: torch.device, threads: int,
@@ -186,8 +194,8 @@ def run_sora_system(root: Path, system: str, budget: dict[str, Any], device: tor
     timed_steps = len(timed)
     model = sora.load(out, device=str(device))
     sources = [r["source"] for r in splits["test"]]
-    greedy, t_greedy = time_generate(model, sources, 1)
-    beam4, t_beam = time_generate(model, sources, 4)
+    greedy, t_greedy = time_generate(model, sources, 1, budget["decode_repeats"])
+    beam4, t_beam = time_generate(model, sources, 4, budget["decode_repeats"])
     return {**scores(beam4, splits["test"]), "greedy_bleu": round(scores(greedy, splits["test"])["bleu"], 2),
             "train_tokens_per_s": round(timed_steps * budget["batch_size"] * pieces / max(sum(timed), 1e-9), 1)
             if timed else round(steps * budget["batch_size"] * pieces / seconds, 1),
@@ -318,18 +326,22 @@ def run_eole(env: Path, root: Path, budget: dict[str, Any], device: torch.device
     out: dict[str, Any] = {}
     for beam in (1, 4):
         pred = work / f"pred.beam{beam}.txt"
-        text = call(f"predict_beam{beam}", [exe, "predict", "-model_path", model_path, "-src", files["test.src"],
-                                             "-output", str(pred), "-beam_size", str(beam), "-batch_size",
-                                             str(DECODE_BATCH), "-batch_type", "sents", "-max_length",
-                                             str(budget["max_target_length"]), "-seed", "13",
-                                             *(["-gpu_ranks", "0", "-world_size", "1"] if gpu else [])])
-        start = re.search(r"^\[([\d\- :,]+) INFO\] Build and loading model took", text, re.M)
-        end = re.search(r"^\[([\d\- :,]+) INFO\] PRED SCORE", text, re.M)
+        seconds_each: list[float] = []
+        for _ in range(budget["decode_repeats"]):  # the median of repeated predicts, as Sora's decoding is timed
+            text = call(f"predict_beam{beam}", [exe, "predict", "-model_path", model_path, "-src",
+                                                 files["test.src"], "-output", str(pred), "-beam_size", str(beam),
+                                                 "-batch_size", str(DECODE_BATCH), "-batch_type", "sents",
+                                                 "-max_length", str(budget["max_target_length"]), "-seed", "13",
+                                                 *(["-gpu_ranks", "0", "-world_size", "1"] if gpu else [])])
+            start = re.search(r"^\[([\d\- :,]+) INFO\] Build and loading model took", text, re.M)
+            end = re.search(r"^\[([\d\- :,]+) INFO\] PRED SCORE", text, re.M)
+            if start and end:
+                seconds_each.append(stamp(end.group(1)) - stamp(start.group(1)))
         outputs = [tokenizer.tk.decoder.decode(line.split()).strip()
                    for line in pred.read_text(encoding="utf-8").splitlines()]
         key = "greedy" if beam == 1 else "beam4"
         out[key] = outputs
-        out[f"{key}_seconds"] = stamp(end.group(1)) - stamp(start.group(1)) if start and end else None
+        out[f"{key}_seconds"] = statistics.median(seconds_each) if seconds_each else None
     return {**scores(out["beam4"], splits["test"]),
             "greedy_bleu": round(scores(out["greedy"], splits["test"])["bleu"], 2),
             "train_tokens_per_s": round(timed_steps * budget["batch_size"] * pieces / max(seconds, 1e-3), 1),
@@ -416,7 +428,8 @@ def main() -> None:
                          "validation BLEU decoding included); eole: steady state, from its first step log line to its "
                          "last (start-up and first report window excluded): a measure that favours the peer",
         "decoding": f"test sources, batches of {DECODE_BATCH}; Sora in-process (sora.load().generate), eole from its "
-                    "log timestamps between 'loading model took' and 'PRED SCORE' (start-up excluded)",
+                    "log timestamps between 'loading model took' and 'PRED SCORE' (start-up excluded); each the "
+                    f"median of {budget['decode_repeats']} decodings",
         "device": machine_info(device), "threads": threads, "load_average": load_average(),
         "elapsed_s": round(time.perf_counter() - t_start, 1)}}
     write_result("translate", args.quick, payload)
