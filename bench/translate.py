@@ -20,10 +20,10 @@ Sora runs as a user runs it: a recipe file and ``sora finetune RECIPE -o OUT`` (
 model size, steps, batch size, decoder shape and target length, patience 0 so every step is taken); decoding is
 ``sora.load(OUT).generate(sources, beam=...)``. Reported per system: test BLEU and chrF (sacreBLEU on the detokenised
 outputs, beam 4), training tokens/s (source + target pieces of the shared BPE per training pair × pairs seen, over
-the training seconds the tool reports: Sora's fit loop, which includes its validation BLEU, eole's step log
-from its first report to its last), decoding sentences/s greedy and beam 4 (test sources, batches of 32, in-process
-for Sora; eole's predict from its log timestamps, without its start-up; each the median of 3 decodings, 1 in
---quick), and steps.
+the steady-state training seconds: Sora's per-step times from its training log after the first tenth of the
+steps, eole's step log from its first report to its last), decoding sentences/s greedy and beam 4 (test
+sources, batches of 32, in-process for Sora; eole's predict from its log timestamps, without its start-up; each
+the median of 3 decodings, 1 in --quick), output length in pieces and decoded pieces/s, and steps.
 
     python bench/translate.py --quick              # -> bench/results/translate.quick.json (under 2 minutes;
                                                    #    the Sora systems: add opennmt with --systems)
