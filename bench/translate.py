@@ -423,10 +423,11 @@ def main() -> None:
             "test_pairs": len(splits["test"])},
         "bleu": "sacreBLEU 13a on detokenised beam-4 outputs against the one Multi30k reference (chrF: sacreBLEU chrF)",
         "tokens": f"source + target pieces of the shared BPE per training pair ({pieces:.2f}) × pairs seen / "
-                  "training s",
+                  "steady-state training s (Sora: its log's per-step times after the first tenth of the steps; "
+                  "eole: its step log, first report to last)",
         "train_seconds": "Sora: the fit loop's seconds as `sora finetune` prints them (all steps, its start-up and "
                          "validation BLEU decoding included); eole: steady state, from its first step log line to its "
-                         "last (start-up and first report window excluded): a measure that favours the peer",
+                         "last (start-up and first report window excluded)",
         "decoding": f"test sources, batches of {DECODE_BATCH}; Sora in-process (sora.load().generate), eole from its "
                     "log timestamps between 'loading model took' and 'PRED SCORE' (start-up excluded); each the "
                     f"median of {budget['decode_repeats']} decodings",

@@ -5,9 +5,9 @@ that matrix are a large share of a training step on CPUs. ``F.cross_entropy(labe
 log-softmax, and its backward fills a zero matrix for the picked tokens, another for the smoothing term, adds
 them and runs the log-softmax backward. Here the forward writes the log-softmax and reads the picked entries and
 the row means from it; the backward writes the gradient, softmax − (1 − ε)·onehot − ε/V, into one new matrix from
-the saved log-softmax: forward and backward of (1,000 × 8,000) logits take 25 ms instead of 80 (2 threads, this
-repository's 2-core CPU machine).
-Without smoothing ``F.cross_entropy``'s own fused path is as fast or faster (20 ms against 23–25), so it is used.
+the saved log-softmax: forward and backward of (1,000 × 8,000) logits took 25–33 ms against 40–80 (2 threads, this
+repository's 2-core CPU machine, interleaved runs). Without smoothing ``F.cross_entropy``'s own fused path was as
+fast or faster, so it is used.
 """
 
 from __future__ import annotations
