@@ -195,7 +195,30 @@ def _is_subsequence(short: list[int], long: list[int]) -> bool:
 
 
 def test_noise_registry():
-    assert set(NOISE) == {"none", "delete", "mask", "span", "shuffle"}
+    assert set(NOISE) == {"none", "delete", "mask", "span", "shuffle", "crop"}
+
+
+def test_crop_keeps_one_contiguous_span_of_the_stated_share():
+    ids, mask, rows = _batch(n_rows=400, max_len=40, unique=True)
+    torch.manual_seed(0)
+    out, out_mask = NOISE["crop"](ids, mask, 0.1, SPECIALS, MASK)
+    _check_shape(out, out_mask)
+    shares = []
+    for before, after in zip(rows, _unpadded(out, out_mask), strict=True):
+        assert after[0] == CLS and after[-1] == SEP and len(after) >= 3
+        content, kept = before[1:-1], after[1:-1]
+        start = content.index(kept[0])
+        assert content[start : start + len(kept)] == kept  # one contiguous span, in order
+        shares.append(len(kept) / len(content))
+        if len(content) >= 20:
+            assert 0.1 - 1 / len(content) <= shares[-1] <= 0.5 + 1 / len(content)
+    long = [s for s, r in zip(shares, rows, strict=True) if len(r) >= 30]
+    assert sum(long) / len(long) == pytest.approx(0.3, abs=0.04)  # uniform between 10% and 50%
+    torch.manual_seed(0)
+    again, again_mask = NOISE["crop"](ids, mask, 0.1, SPECIALS, MASK)
+    assert torch.equal(again, out) and torch.equal(again_mask, out_mask)
+    whole, whole_mask = NOISE["crop"](ids, mask, 0.99, SPECIALS, MASK)
+    assert sum(len(r) for r in _unpadded(whole, whole_mask)) >= 0.98 * sum(len(r) for r in rows)
 
 
 def test_delete():
@@ -295,7 +318,7 @@ def test_none_is_identity():
     assert torch.equal(out, ids) and torch.equal(out_mask, mask)
 
 
-@pytest.mark.parametrize("name", ["delete", "mask", "span", "shuffle"])
+@pytest.mark.parametrize("name", ["delete", "mask", "span", "shuffle", "crop"])
 def test_noise_is_deterministic_under_seed(name):
     ids, mask, _ = _batch(n_rows=50)
     torch.manual_seed(123)

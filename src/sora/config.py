@@ -70,7 +70,7 @@ class ObjectiveConfig(_Strict):
 
     name: Literal["reconstruct", "mlm", "contrastive", "distill"] = "reconstruct"
     weight: float = Field(1.0, gt=0)
-    noise: Literal["none", "delete", "mask", "span", "shuffle"] = "delete"
+    noise: Literal["none", "delete", "mask", "span", "shuffle", "crop"] = "delete"  # sora.text.noise.NOISE
     ratio: float = Field(0.6, ge=0.0, lt=1.0)
     temperature: float = Field(0.05, gt=0)  # contrastive only
     # distill only: what of the frozen starting encoder's codes to keep (sora.objectives.distill)

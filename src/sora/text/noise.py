@@ -76,6 +76,22 @@ def local_shuffle(ids, mask, ratio, specials, mask_id, window: int = 3):
     return torch.gather(ids, 1, order), mask
 
 
+def crop(ids, mask, ratio, specials, mask_id):
+    """Keep one random contiguous span of each row's content, its length a uniform share of the content between
+    ``ratio`` and ``min(1, 5 * ratio)`` (Contriever's independent cropping, 10-50% at ratio 0.1; Izacard et al.
+    2022): two crops of one document are a query-like and a passage-like view of it, which is what retrieval
+    matches. Specials stay; at least one content token is kept."""
+    content = _content(ids, mask, specials)
+    n = content.sum(1)
+    share = ratio + torch.rand(n.shape, device=ids.device) * (min(1.0, 5 * ratio) - ratio)
+    length = (share * n).round().long().clamp(min=1).minimum(n.clamp(min=1))
+    start = (torch.rand(n.shape, device=ids.device) * (n - length + 1)).long().minimum(n - length).clamp(min=0)
+    index = content.long().cumsum(1) - 1  # each content token's place among its row's content
+    inside = (index >= start[:, None]) & (index < (start + length)[:, None])
+    pad_id = int(ids[~mask][0]) if (~mask).any() else 0
+    return _compact(ids, mask & (~content | inside), pad_id)
+
+
 def none(ids, mask, ratio, specials, mask_id):
     return ids, mask
 
@@ -86,4 +102,5 @@ NOISE: dict[str, NoiseFn] = {
     "mask": mask_tokens,
     "span": span_infill,
     "shuffle": local_shuffle,
+    "crop": crop,
 }
