@@ -539,6 +539,17 @@ def test_early_stopping_when_validation_never_improves(pretrained, sample_dir, t
     assert summary["validation"]["val_accuracy"] == vals[0]["val_accuracy"]
 
 
+def test_the_few_label_schedule_is_ended_by_patience(pretrained, sample_dir, tmp_path):
+    """With 8 labels per class the default plans 120 steps validated every 10; validation that never improves
+    (lr 0) ends it after the first training validation and two more without gain: 30 steps, not 120."""
+    out = tmp_path / "run"
+    summary = finetune(pretrained, out, {"tasks.0.data": str(sample_dir), "tasks.0.labels_per_class": 8,
+                                         "train.lr": 0.0})
+    vals = [r["step"] for r in log_rows(out) if "val_accuracy" in r]
+    assert vals == [0, 10, 20, 30]
+    assert summary["steps"] == 30
+
+
 def test_sigkill_then_resume_selects_like_the_uninterrupted_run(pretrained, sample_dir, tmp_path):
     """Killed -9 between checkpoints and resumed, a fine-tuning run ends on the same model (weights equal) with
     the same selection metadata and log: the best weights so far and the patience counter are in the checkpoint,
@@ -695,15 +706,16 @@ def test_resume_with_the_auxiliary_loss_sees_the_same_unlabeled_batches(pretrain
 
 
 def test_the_default_length_comes_from_the_labels_per_class():
-    """Unset epochs/max_steps: few labels get many short epochs (within 12-30 steps), more labels fewer; the last
-    step is always a validation. Set explicitly, the recipe's length wins."""
+    """Unset epochs/max_steps: few labels get up to 120 steps (validated every 10), more labels fewer epochs; the
+    last step is always a validation. Set explicitly, the recipe's length wins."""
     from sora.config import FinetuneConfig
     from sora.train.finetune import plan_steps
 
     auto = FinetuneConfig()
-    assert plan_steps(auto, per_epoch=3, per_class=8) == (30, 10, "few-label")  # trec, 6 classes x 8
-    assert plan_steps(auto, per_epoch=1, per_class=8) == (12, 4, "few-label")  # sst2, 2 x 8: the minimum
-    assert plan_steps(auto, per_epoch=39, per_class=8) == (30, 10, "few-label")  # banking77, 77 x 8: the cap
+    # Few labels: 120 steps validated every 10 whatever the data's size; patience ends them (test below).
+    assert plan_steps(auto, per_epoch=3, per_class=8) == (120, 10, "few-label")  # trec, 6 classes x 8
+    assert plan_steps(auto, per_epoch=1, per_class=8) == (120, 10, "few-label")  # sst2, 2 x 8
+    assert plan_steps(auto, per_epoch=39, per_class=8) == (120, 10, "few-label")  # banking77, 77 x 8
     assert plan_steps(auto, per_epoch=24, per_class=64) == (72, 24, "some-label")
     assert plan_steps(auto, per_epoch=625, per_class=5000) == (300, 100, "full-data")
     steps, every, name = plan_steps(FinetuneConfig(epochs=2), per_epoch=23, per_class=90)
