@@ -6,6 +6,7 @@ each adapted on the same sentences for the same steps, batch and lr:
 
   minilm       all-MiniLM-L6-v2 as it is (no adaptation)
   sora         ``recipes/adapt-minilm.yaml`` as it is now (the default: reconstruction + distillation)
+  sora_reconstruct_distill  the previous default: reconstruction + distillation, no cropped views
   sora_before  the earlier recipe: reconstruction only (deletion 0.6)
   st_tsdae     sentence-transformers' DenoisingAutoEncoderLoss, tied decoder, its documented example setup
 
@@ -53,7 +54,13 @@ from common import (  # noqa: E402
 sys.path.insert(0, str(REPO / "src"))
 
 NAME = "adapt"
-SYSTEMS = ("minilm", "sora", "sora_before", "st_tsdae")
+SYSTEMS = ("minilm", "sora", "sora_reconstruct_distill", "sora_before", "st_tsdae")
+# The recipe's objectives replaced, for the systems that are earlier versions of it.
+EARLIER_OBJECTIVES: dict[str, list[dict[str, Any]]] = {
+    "sora_reconstruct_distill": [{"name": "reconstruct", "noise": "delete", "ratio": 0.6},
+                                 {"name": "distill", "match": "cosine", "weight": 1.0}],
+    "sora_before": [{"name": "reconstruct", "noise": "delete", "ratio": 0.6}],
+}
 METRICS = ("scifact", "sick", "probe", "speed")
 RECIPE = REPO / "recipes" / "adapt-minilm.yaml"
 SEED = 13
@@ -176,8 +183,9 @@ def sora_embedder(path: Path | str, device: str = "cpu"):
 
 
 def adapt_sora(system: str, train_file: Path, out: Path, a: argparse.Namespace) -> dict[str, Any]:
-    """``sora``: the recipe as it is; ``sora_before``: the recipe with the earlier objectives (reconstruction
-    only) and no drift guard, which it did not have. A finished run (its summary.json) is reused."""
+    """``sora``: the recipe as it is; the others: the recipe with their earlier objectives (``EARLIER_OBJECTIVES``;
+    ``sora_before`` also without the drift guard, which it did not have). A finished run (its summary.json) is
+    reused."""
     from sora.config import load_recipe
     from sora.train.pretrain import run_pretrain
 
@@ -190,9 +198,10 @@ def adapt_sora(system: str, train_file: Path, out: Path, a: argparse.Namespace) 
         "train.save_every": 0, "train.keep_checkpoints": 1}
     if a.quick:
         overrides.update({"train.warmup_steps": 1, "guard.texts": 50})
+    if system in EARLIER_OBJECTIVES:
+        overrides["objectives"] = EARLIER_OBJECTIVES[system]
     if system == "sora_before":
-        overrides.update({"objectives": [{"name": "reconstruct", "noise": "delete", "ratio": 0.6}],
-                          "guard.enabled": False})
+        overrides["guard.enabled"] = False
     recipe = load_recipe(RECIPE, overrides)
     t0 = time.perf_counter()
     summary = run_pretrain(recipe)
@@ -301,8 +310,8 @@ class _SoraSteps:
         from sora.train.pretrain import build_model
 
         overrides = {"train.lr": a.lr}
-        if system == "sora_before":
-            overrides["objectives"] = [{"name": "reconstruct", "noise": "delete", "ratio": 0.6}]
+        if system in EARLIER_OBJECTIVES:
+            overrides["objectives"] = EARLIER_OBJECTIVES[system]
         recipe = load_recipe(RECIPE, overrides)
         tokenizer = SoraTokenizer.load(minilm_path())
         torch.manual_seed(SEED)
