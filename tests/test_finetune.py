@@ -174,11 +174,16 @@ def test_saved_model_is_the_best_validation_checkpoint(cli_run):
     assert len(vals) >= 4  # the starting point (step 0), then once per epoch until patience (3) runs out
     assert [r["step"] for r in log_rows(out) if "val_accuracy" in r][0] == 0
     meta = json.loads((out / "model" / "config.json").read_text())["metadata"]
-    assert meta["validation"]["val_accuracy"] == pytest.approx(max(vals))
+    # The best logged checkpoint, its head fitted again on its codes where that scored higher (head_refit).
+    refit = meta["head_refit"]["task"]
+    assert refit["trained"] == pytest.approx(max(vals))
+    best = refit["refit"] if refit["kept"] else max(vals)
+    assert refit["kept"] == (refit["refit"] > max(vals))
+    assert meta["validation"]["val_accuracy"] == pytest.approx(best)
     assert meta["train_examples"] == {"task": 360}
     # Re-scoring the validation split with the saved weights gives the best accuracy, not the last one.
     again = evaluate_checkpoint(sora.load(out), str(cli_run["sample"]), "validation", out=out / "eval-val")
-    assert again["metrics"]["accuracy"] == pytest.approx(max(vals), abs=1e-6)
+    assert again["metrics"]["accuracy"] == pytest.approx(best, abs=1e-6)
     # ... while the raw last-step checkpoint scores what the last validation logged.
     last = sorted((out / "checkpoints").glob("step-*"))[-1]
     assert int(last.name.split("-")[1]) == [r["step"] for r in log_rows(out) if "val_accuracy" in r][-1]
@@ -721,3 +726,36 @@ def test_the_default_length_comes_from_the_labels_per_class():
     steps, every, name = plan_steps(FinetuneConfig(epochs=2), per_epoch=23, per_class=90)
     assert (steps, name) == (46, None) and every == 23
     assert plan_steps(FinetuneConfig(max_steps=7), per_epoch=23, per_class=90)[:2] == (7, 23)
+
+
+def test_head_refit_keeps_the_refitted_probe_only_where_it_beats_the_trained_head(pretrained, sample_dir):
+    """SetFit's last step on Sora's fine-tuned codes: a head that lost what it knew (zeroed: chance) is replaced by
+    the probe fitted again, and the selection metrics follow; a trained head the refit cannot beat is kept as
+    it is, weights and all."""
+    from sora.models.checkpoint import load_checkpoint
+    from sora.models.heads import add_head
+    from sora.train.finetune import Selector, head_spec, refit_head
+
+    model, tokenizer, _ = load_checkpoint(pretrained / "model")
+    data = kind_of("classification").load(TaskConfig(name="topic", type="classification", data=str(sample_dir)), 1)
+    add_head(model, "topic", head_spec(data.task, data))
+    head = model.heads["topic"].out
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+    selector = Selector(model, tokenizer, [("topic", data)], 32, 64, patience=0)
+    selector(model)
+    chance = selector.best_tasks["topic"]["accuracy"]
+    assert chance < 0.4  # four balanced labels, all logits equal
+    record = refit_head(model, tokenizer, selector, "topic", data, 32, (0.1, 1.0, 10.0))
+    assert record["kept"] and record["trained"] == chance and record["refit"] > chance + 0.1
+    assert selector.best_tasks["topic"]["accuracy"] == record["refit"]
+    assert head.weight.abs().sum() > 0
+
+    with torch.no_grad():  # stands for the trained head: weights no probe fit would give
+        head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(0)))
+    trained = head.weight.detach().clone()
+    selector.best_tasks["topic"]["accuracy"] = 1.0  # a trained head no refit can beat
+    record = refit_head(model, tokenizer, selector, "topic", data, 32, (0.1, 1.0, 10.0))
+    assert not record["kept"] and torch.equal(head.weight, trained)
+    assert selector.best_tasks["topic"]["accuracy"] == 1.0

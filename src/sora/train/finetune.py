@@ -167,6 +167,31 @@ def init_head(model: SoraModel, tokenizer: SoraTokenizer, name: str, data: TaskD
     return info
 
 
+@torch.no_grad()
+def refit_head(model: SoraModel, tokenizer: SoraTokenizer, selector: Selector, name: str, data: TaskData,
+               max_length: int, c_grid: tuple[float, ...]) -> dict[str, Any] | None:
+    """SetFit's last step on top of Sora's: a logistic regression fitted again on the *fine-tuned* codes, kept only
+    where it beats the trained head on validation. Returns what was compared (None: the kind has no probe)."""
+    spec = model.head_specs[name]
+    kind = kind_of(spec)
+    if not kind.probe_init:
+        return None
+    before = selector.best_tasks[name][spec.metric]
+    head = model.heads[name].out
+    trained = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    init_head(model, tokenizer, name, data, max_length, "probe", c_grid)
+    was = model.training
+    model.eval()
+    metrics = scalar_metrics(kind.metrics(spec, selector.predictions(model, name), data.validation))
+    model.train(was)
+    kept = metrics[spec.metric] > before
+    if kept:
+        selector.best_tasks[name] = metrics
+    else:
+        head.load_state_dict(trained)
+    return {"trained": before, "refit": metrics[spec.metric], "kept": kept}
+
+
 @dataclass(frozen=True)
 class Schedule:
     """How long fine-tuning runs when the recipe sets neither ``epochs`` nor ``max_steps``."""
@@ -467,6 +492,18 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
         if dist.is_main:
             if selector.best_state is not None:
                 model.load_state_dict(selector.best_state)
+            if fcfg.head_refit:
+                refits = {n: r for n, t in selector.tasks
+                          if (r := refit_head(model, tokenizer, selector, n, t, d.max_length, tuple(fcfg.probe_c)))}
+                if refits:
+                    summary["head_refit"] = refits
+                    print("head refit on the fine-tuned codes: " + ", ".join(
+                        f"{n} {r['trained']:.4f} -> {r['refit']:.4f} ({'kept' if r['kept'] else 'not kept'})"
+                        for n, r in refits.items()), flush=True)
+                    for n, r in refits.items():
+                        if r["kept"]:  # the selected metrics describe the model saved
+                            selector.best_metrics.update(
+                                {f"val_{n}_{k}" if multi else f"val_{k}": v for k, v in selector.best_tasks[n].items()})
             for name, data in selector.tasks:  # e.g. multilabel thresholds, on the chosen weights
                 spec = model.head_specs[name]
                 kind_of(spec).after_selection(spec, selector.predictions(model, name), data.validation)
@@ -474,7 +511,8 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
             earlier = (start.get("metadata") or {}).get("tasks_validation") or {}
             tasks_validation = {**{n: v for n, v in earlier.items() if n in model.heads}, **selector.best_tasks}
             info["metadata"] = {"validation": selector.best_metrics, "tasks_validation": tasks_validation,
-                                "train_examples": {n: len(t.train) for n, t in tasks}, "steps": state.step}
+                                "train_examples": {n: len(t.train) for n, t in tasks}, "steps": state.step,
+                                **({"head_refit": summary["head_refit"]} if "head_refit" in summary else {})}
             save_checkpoint(out / "model", model, tokenizer, info)
             summary["validation"] = selector.best_metrics
         finish(dist)
