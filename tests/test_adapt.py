@@ -111,6 +111,25 @@ def test_a_pretrained_start_without_objectives_gets_the_adaptation_default():
     assert "distill" in [o.name for o in recipe.objectives]
 
 
+def test_the_adaptation_default_follows_the_length_of_the_texts():
+    """Documents (median from DOCUMENT_TOKENS tokens) get crop views + distill, sentences reconstruct + distill;
+    a recipe that lists objectives, or a start from scratch, keeps what it has whatever the length."""
+    from sora.config import ADAPT_DOCUMENT_OBJECTIVES, ADAPT_OBJECTIVES, DOCUMENT_TOKENS
+
+    adapted = load_recipe(None, {"model.backbone": "all-MiniLM-L6-v2"})
+    docs, chosen = adapted.with_adaptation_objectives(DOCUMENT_TOKENS)
+    assert chosen == "documents"
+    assert [(o.name, o.noise) for o in docs.objectives] == [
+        (o["name"], o.get("noise", "none" if o["name"] == "distill" else "delete")) for o in ADAPT_DOCUMENT_OBJECTIVES]
+    assert ("contrastive", "crop") in [(o.name, o.noise) for o in docs.objectives]
+    same, chosen = adapted.with_adaptation_objectives(DOCUMENT_TOKENS - 1)
+    assert chosen == "sentences" and [o.name for o in same.objectives] == [o["name"] for o in ADAPT_OBJECTIVES]
+    listed = load_recipe(None, {"model.backbone": "all-MiniLM-L6-v2", "objectives": [{"name": "reconstruct"}]})
+    assert listed.with_adaptation_objectives(10_000) == (listed, None)
+    scratch = load_recipe(None, {})
+    assert scratch.with_adaptation_objectives(10_000) == (scratch, None)
+
+
 # ---- the drift guard's measures ----------------------------------------------------------------------------
 
 
@@ -227,8 +246,18 @@ def test_adapting_minilm_distills_by_default_guards_and_selects(tmp_path):
     drift = [r for r in rows if "val_knn_agreement" in r]
     assert [r["step"] for r in drift] == [1, 2]
     assert drift[-1]["val_knn_agreement"] > 0.5 and drift[-1]["val_code_cosine"] > 0.5  # lr 5e-4, 2 steps
+    assert any("reconstruct_delete" in r for r in rows) and not any("contrastive" in r for r in rows)  # sentences
     config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert config["metadata"]["selected_step"] == summary["selected_step"] == 2
+
+    # Documents (each line ~200 tokens): crop views + distill, no reconstruction; the saved recipe says so.
+    docs = tmp_path / "docs.txt"
+    docs.write_text("".join(" ".join((TEXTS[i:] + TEXTS[:i]) * 3) + "\n" for i in range(10)) * 2, encoding="utf-8")
+    run_pretrain(_recipe(tmp_path / "d", **{**base, "data.train": str(docs), "data.max_length": 64}))
+    rows = [json.loads(ln) for ln in (tmp_path / "d" / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert any("contrastive" in r for r in rows) and not any("reconstruct_delete" in r for r in rows)
+    saved = json.loads((tmp_path / "d" / "run" / "model" / "config.json").read_text())["recipe"]["objectives"]
+    assert [(o["name"], o["noise"]) for o in saved] == [("distill", "none"), ("contrastive", "crop")]
 
     with pytest.warns(SoraWarning, match="drift guard"):
         wrecked = run_pretrain(_recipe(tmp_path / "w", **{**base, "train.lr": 0.3, "guard.min_agreement": 0.9,

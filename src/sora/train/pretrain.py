@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sora.config import DataConfig, GuardConfig, ModelConfig, Recipe, TokenizerConfig
+from sora.config import DOCUMENT_TOKENS, DataConfig, GuardConfig, ModelConfig, ObjectiveConfig, Recipe, TokenizerConfig
 from sora.data import TextSource, token_batches
 from sora.errors import ConfigError, DataError, SoraWarning
 from sora.models.autoencoder import SoraModel
@@ -244,6 +244,18 @@ def guard_batches(recipe: Recipe, tokenizer: SoraTokenizer, corpus: TextSource,
     return list(token_batches(texts, tokenizer, 64, recipe.data.max_length, shuffle=False))
 
 
+def median_tokens(tokenizer: SoraTokenizer, texts: list[str]) -> float:
+    """Median length in tokens (untruncated, specials included) of ``texts``; 0 for none."""
+    lengths = sorted(len(ids) for ids in tokenizer.encode(texts, 1_000_000)) if texts else [0]
+    mid = len(lengths) // 2
+    return float(lengths[mid]) if len(lengths) % 2 else (lengths[mid - 1] + lengths[mid]) / 2
+
+
+def describe(objective: ObjectiveConfig) -> str:
+    """``reconstruct(delete 0.6)``, ``distill``, ``contrastive(crop 0.1)``: how the log names an objective."""
+    return objective.name if objective.noise == "none" else f"{objective.name}({objective.noise} {objective.ratio:g})"
+
+
 def run_pretrain(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
     """Pretrain per ``recipe``; returns a summary (steps, losses, paths)."""
     if not recipe.data.train:
@@ -259,8 +271,14 @@ def run_pretrain(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
         tokenizer = build_tokenizer(recipe.tokenizer, recipe.model, corpus, out)
         if dist.enabled and dist.is_main:
             torch.distributed.barrier()
+        sample = list(itertools.islice(corpus, 2000))
         if dist.is_main and (recipe.model.backbone or recipe.tokenizer.path):  # one trained here has no [UNK]
-            tokenizer.warn_unknown(list(itertools.islice(corpus, 2000)), f"{recipe.data.train}")
+            tokenizer.warn_unknown(sample, f"{recipe.data.train}")
+        median = median_tokens(tokenizer, sample)
+        recipe, texts_are = recipe.with_adaptation_objectives(median)
+        if dist.is_main and texts_are:
+            print(f"adapting on {texts_are} (median {median:.0f} tokens; documents from "
+                  f"{DOCUMENT_TOKENS}): {' + '.join(describe(o) for o in recipe.objectives)}", flush=True)
         torch.manual_seed(recipe.train.seed)  # identical initial weights on every rank
         model = build_model(recipe.model, tokenizer)
         objectives = {f"{o.name}_{o.noise}" if o.name == "reconstruct" else o.name:
