@@ -164,10 +164,15 @@ class Recipe(_Strict):
             self._adaptation_default = True
         return self
 
+    @property
+    def adapts_by_default(self) -> bool:
+        """A pretrained start whose recipe lists no objectives: the adaptation default, fitted to the texts."""
+        return self._adaptation_default
+
     def with_adaptation_objectives(self, median_tokens: float) -> tuple[Recipe, str | None]:
         """The recipe with the adaptation default fitted to its texts' median length in tokens, and what was
         chosen (None: the recipe lists its objectives or starts from scratch)."""
-        if not self._adaptation_default:
+        if not self.adapts_by_default:
             return self, None
         if median_tokens >= DOCUMENT_TOKENS:
             chosen = [ObjectiveConfig(**o) for o in ADAPT_DOCUMENT_OBJECTIVES]

@@ -186,7 +186,7 @@ def refit_head(model: SoraModel, tokenizer: SoraTokenizer, selector: Selector, n
     model.train(was)
     kept = metrics[spec.metric] > before
     if kept:
-        selector.best_tasks[name] = metrics
+        selector.replace_best(name, metrics)
     else:
         head.load_state_dict(trained)
     return {"trained": before, "refit": metrics[spec.metric], "kept": kept}
@@ -295,7 +295,7 @@ class Selector:
             m = scalar_metrics(kind_of(spec).metrics(spec, self.predictions(model, name), data.validation))
             per_task[name] = m
             primary.append(self.select_weights[name] * m.get(spec.metric, float("nan")))
-            metrics.update({f"val_{name}_{k}" if len(self.tasks) > 1 else f"val_{k}": v for k, v in m.items()})
+            metrics.update({self.metric_key(name, k): v for k, v in m.items()})
         score = float(np.sum(primary))
         score = score if math.isfinite(score) else float("-inf")  # e.g. pearson of constant predictions
         self.evaluations += 1
@@ -310,6 +310,15 @@ class Selector:
             else:
                 self.bad += 1
         return metrics
+
+    def metric_key(self, name: str, metric: str) -> str:
+        """How ``metric`` of task ``name`` is logged: ``val_accuracy`` alone, ``val_topic_accuracy`` in a mix."""
+        return f"val_{name}_{metric}" if len(self.tasks) > 1 else f"val_{metric}"
+
+    def replace_best(self, name: str, metrics: dict[str, float]) -> None:
+        """Task ``name``'s head was changed after selection (a refit): the selected metrics describe it now."""
+        self.best_tasks[name] = metrics
+        self.best_metrics.update({self.metric_key(name, k): v for k, v in metrics.items()})
 
     def predictions(self, model: SoraModel, name: str) -> Any:
         """Head ``name``'s predictions on its validation examples."""
@@ -500,10 +509,6 @@ def run_finetune(recipe: FinetuneRecipe, resume: bool = False,
                     print("head refit on the fine-tuned codes: " + ", ".join(
                         f"{n} {r['trained']:.4f} -> {r['refit']:.4f} ({'kept' if r['kept'] else 'not kept'})"
                         for n, r in refits.items()), flush=True)
-                    for n, r in refits.items():
-                        if r["kept"]:  # the selected metrics describe the model saved
-                            selector.best_metrics.update(
-                                {f"val_{n}_{k}" if multi else f"val_{k}": v for k, v in selector.best_tasks[n].items()})
             for name, data in selector.tasks:  # e.g. multilabel thresholds, on the chosen weights
                 spec = model.head_specs[name]
                 kind_of(spec).after_selection(spec, selector.predictions(model, name), data.validation)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -246,9 +247,7 @@ def guard_batches(recipe: Recipe, tokenizer: SoraTokenizer, corpus: TextSource,
 
 def median_tokens(tokenizer: SoraTokenizer, texts: list[str]) -> float:
     """Median length in tokens (untruncated, specials included) of ``texts``; 0 for none."""
-    lengths = sorted(len(ids) for ids in tokenizer.encode(texts, 1_000_000)) if texts else [0]
-    mid = len(lengths) // 2
-    return float(lengths[mid]) if len(lengths) % 2 else (lengths[mid - 1] + lengths[mid]) / 2
+    return float(statistics.median(len(ids) for ids in tokenizer.encode(texts, 1_000_000))) if texts else 0.0
 
 
 def describe(objective: ObjectiveConfig) -> str:
@@ -274,11 +273,12 @@ def run_pretrain(recipe: Recipe, resume: bool = False) -> dict[str, Any]:
         sample = list(itertools.islice(corpus, 2000))
         if dist.is_main and (recipe.model.backbone or recipe.tokenizer.path):  # one trained here has no [UNK]
             tokenizer.warn_unknown(sample, f"{recipe.data.train}")
-        median = median_tokens(tokenizer, sample)
-        recipe, texts_are = recipe.with_adaptation_objectives(median)
-        if dist.is_main and texts_are:
-            print(f"adapting on {texts_are} (median {median:.0f} tokens; documents from "
-                  f"{DOCUMENT_TOKENS}): {' + '.join(describe(o) for o in recipe.objectives)}", flush=True)
+        if recipe.adapts_by_default:  # sentences or documents: every rank measures the same sample
+            median = median_tokens(tokenizer, sample)
+            recipe, texts_are = recipe.with_adaptation_objectives(median)
+            if dist.is_main:
+                print(f"adapting on {texts_are} (median {median:.0f} tokens; documents from "
+                      f"{DOCUMENT_TOKENS}): {' + '.join(describe(o) for o in recipe.objectives)}", flush=True)
         torch.manual_seed(recipe.train.seed)  # identical initial weights on every rank
         model = build_model(recipe.model, tokenizer)
         objectives = {f"{o.name}_{o.noise}" if o.name == "reconstruct" else o.name:
